@@ -1,0 +1,3 @@
+fn main() -> anyhow::Result<()> {
+    anyhow::bail!("mwdist is not implemented yet; see ARCHITECTURE.md")
+}

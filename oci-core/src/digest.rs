@@ -1,0 +1,202 @@
+//! Content digests (`sha256:<64 hex>`), and a writer that hashes what passes through it.
+
+use sha2::{Digest as _, Sha256};
+use std::fmt;
+use std::io::{self, Write};
+use std::str::FromStr;
+
+/// A validated `sha256:<hex>` content digest. Other algorithms are refused: every image
+/// this project makes or reads uses sha256, and accepting an algorithm we cannot verify
+/// would let unverified content through.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest {
+    hex: String,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DigestError {
+    #[error("digest {0:?} is not of the form sha256:<64 lowercase hex digits>")]
+    Malformed(String),
+    #[error("digest {0:?} uses an unsupported algorithm; only sha256 is accepted")]
+    UnsupportedAlgorithm(String),
+}
+
+impl Digest {
+    /// Digest of a byte slice.
+    pub fn of(bytes: &[u8]) -> Self {
+        Self::from_sha256(Sha256::digest(bytes).into())
+    }
+
+    pub fn from_sha256(raw: [u8; 32]) -> Self {
+        Digest { hex: hex::encode(raw) }
+    }
+
+    /// The 64 hex digits without the algorithm.
+    pub fn hex(&self) -> &str {
+        &self.hex
+    }
+
+    pub fn algorithm(&self) -> &'static str {
+        "sha256"
+    }
+
+    /// A short form for humans: the first 12 hex digits.
+    pub fn short(&self) -> &str {
+        &self.hex[..12]
+    }
+
+    pub fn to_oci(&self) -> oci_spec::image::Digest {
+        // Our digests are always valid sha256 digests, which oci-spec accepts.
+        oci_spec::image::Digest::from_str(&self.to_string())
+            .unwrap_or_else(|_| unreachable!("validated sha256 digest rejected by oci-spec"))
+    }
+
+    pub fn from_oci(d: &oci_spec::image::Digest) -> Result<Self, DigestError> {
+        d.to_string().parse()
+    }
+}
+
+impl FromStr for Digest {
+    type Err = DigestError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let Some((alg, hex)) = s.split_once(':') else {
+            return Err(DigestError::Malformed(s.to_string()));
+        };
+        if alg != "sha256" {
+            return Err(DigestError::UnsupportedAlgorithm(s.to_string()));
+        }
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Err(DigestError::Malformed(s.to_string()));
+        }
+        Ok(Digest { hex: hex.to_string() })
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}", self.hex)
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}", self.hex)
+    }
+}
+
+impl serde::Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Incremental sha256 plus a byte count.
+#[derive(Clone, Default)]
+pub struct Hasher {
+    inner: Sha256,
+    len: u64,
+}
+
+impl Hasher {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.inner.update(bytes);
+        self.len += bytes.len() as u64;
+    }
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn finish(self) -> (Digest, u64) {
+        (Digest::from_sha256(self.inner.finalize().into()), self.len)
+    }
+}
+
+/// A writer that hashes and counts every byte it forwards.
+pub struct HashingWriter<W> {
+    inner: W,
+    hasher: Hasher,
+}
+
+impl<W: Write> HashingWriter<W> {
+    pub fn new(inner: W) -> Self {
+        HashingWriter { inner, hasher: Hasher::new() }
+    }
+    pub fn finish(self) -> (W, Digest, u64) {
+        let (d, n) = self.hasher.finish();
+        (self.inner, d, n)
+    }
+    pub fn get_ref(&self) -> &W {
+        &self.inner
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Hash a reader to its end.
+pub fn digest_reader<R: io::Read>(mut r: R) -> io::Result<(Digest, u64)> {
+    let mut h = Hasher::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_digest_is_well_known() {
+        assert_eq!(
+            Digest::of(b"").to_string(),
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+
+    #[test]
+    fn parse_rejects_bad_forms() {
+        for bad in ["", "sha256", "sha256:abc", "md5:d41d8cd98f00b204e9800998ecf8427e",
+            "sha256:E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855",
+            "sha256:../../../../etc/passwd0000000000000000000000000000000000000000000"] {
+            assert!(bad.parse::<Digest>().is_err(), "{bad} accepted");
+        }
+        let d = Digest::of(b"x");
+        assert_eq!(d.to_string().parse::<Digest>(), Ok(d));
+    }
+
+    #[test]
+    fn hashing_writer_matches_of() {
+        let mut w = HashingWriter::new(Vec::new());
+        w.write_all(b"hello ").and_then(|_| w.write_all(b"world")).expect("write to vec");
+        let (v, d, n) = w.finish();
+        assert_eq!(v, b"hello world");
+        assert_eq!(n, 11);
+        assert_eq!(d, Digest::of(b"hello world"));
+    }
+}
