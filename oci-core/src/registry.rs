@@ -22,7 +22,13 @@ pub struct ClientOptions {
 
 impl Default for ClientOptions {
     fn default() -> Self {
-        ClientOptions { insecure: false, auth_file: None, max_attempts: 5, monolithic_limit: 32 << 20, chunk_size: 16 << 20 }
+        ClientOptions {
+            insecure: false,
+            auth_file: None,
+            max_attempts: 5,
+            monolithic_limit: 32 << 20,
+            chunk_size: 16 << 20,
+        }
     }
 }
 
@@ -69,7 +75,14 @@ impl RegistryClient {
     pub async fn mount_blob(&self, repo: &str, from_repo: &str, d: &Digest) -> Result<bool, RegistryError> {
         todo!()
     }
-    pub async fn push_blob_file(&self, repo: &str, path: &Path, d: &Digest, size: u64, mount_from: Option<&str>) -> Result<BlobPush, RegistryError> {
+    pub async fn push_blob_file(
+        &self,
+        repo: &str,
+        path: &Path,
+        d: &Digest,
+        size: u64,
+        mount_from: Option<&str>,
+    ) -> Result<BlobPush, RegistryError> {
         todo!()
     }
     pub async fn push_blob_bytes(&self, repo: &str, bytes: Bytes) -> Result<(Digest, BlobPush), RegistryError> {
@@ -78,10 +91,21 @@ impl RegistryClient {
     pub async fn get_blob_bytes(&self, repo: &str, d: &Digest, max_size: u64) -> Result<Vec<u8>, RegistryError> {
         todo!()
     }
-    pub async fn fetch_blob_to_file(&self, repo: &str, d: &Digest, size: Option<u64>, dst: &Path) -> Result<u64, RegistryError> {
+    pub async fn fetch_blob_to_file(
+        &self,
+        repo: &str,
+        d: &Digest,
+        size: Option<u64>,
+        dst: &Path,
+    ) -> Result<u64, RegistryError> {
         todo!()
     }
-    pub async fn blob_response(&self, repo: &str, d: &Digest, range: Option<(u64, Option<u64>)>) -> Result<reqwest::Response, RegistryError> {
+    pub async fn blob_response(
+        &self,
+        repo: &str,
+        d: &Digest,
+        range: Option<(u64, Option<u64>)>,
+    ) -> Result<reqwest::Response, RegistryError> {
         todo!()
     }
     pub async fn get_manifest(&self, repo: &str, reference: &str) -> Result<FetchedManifest, RegistryError> {
@@ -90,7 +114,13 @@ impl RegistryClient {
     pub async fn manifest_digest(&self, repo: &str, reference: &str) -> Result<Option<Digest>, RegistryError> {
         todo!()
     }
-    pub async fn put_manifest(&self, repo: &str, reference: &str, bytes: &[u8], media_type: &str) -> Result<Digest, RegistryError> {
+    pub async fn put_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        bytes: &[u8],
+        media_type: &str,
+    ) -> Result<Digest, RegistryError> {
         todo!()
     }
     pub async fn list_tags(&self, repo: &str) -> Result<Vec<String>, RegistryError> {

@@ -118,7 +118,10 @@ impl Store {
                 let src = layout.blob_path(d);
                 let expected = match size {
                     Some(s) => s,
-                    None => layout.blob_size(d).ok_or_else(|| LayoutError::MissingBlob { dir: layout.dir().to_path_buf(), digest: d.clone() })?,
+                    None => layout.blob_size(d).ok_or_else(|| LayoutError::MissingBlob {
+                        dir: layout.dir().to_path_buf(),
+                        digest: d.clone(),
+                    })?,
                 };
                 let dst_dir = dst.parent().unwrap_or(Path::new("."));
                 let tmp_layout = TmpTarget { dir: dst_dir };
@@ -130,16 +133,22 @@ impl Store {
     }
 
     /// Store a local file holding `d` (already verified by the caller or verified here).
-    pub async fn put_blob_file(&self, path: &Path, d: &Digest, size: u64, mount_from: Option<&str>) -> Result<BlobPush, StoreError> {
+    pub async fn put_blob_file(
+        &self,
+        path: &Path,
+        d: &Digest,
+        size: u64,
+        mount_from: Option<&str>,
+    ) -> Result<BlobPush, StoreError> {
         match self {
             Store::Layout { layout, .. } => {
                 if layout.blob_size(d) == Some(size) {
                     return Ok(BlobPush::Existed);
                 }
                 let (layout, path, d) = (layout.clone(), path.to_path_buf(), d.clone());
-                tokio::task::spawn_blocking(move || layout.put_blob_file(&path, &d, size))
-                    .await
-                    .map_err(|e| StoreError::Image { image: self.name().to_string(), what: format!("blob copy task failed: {e}") })??;
+                tokio::task::spawn_blocking(move || layout.put_blob_file(&path, &d, size)).await.map_err(|e| {
+                    StoreError::Image { image: self.name().to_string(), what: format!("blob copy task failed: {e}") }
+                })??;
                 Ok(BlobPush::Uploaded(size))
             }
             Store::Registry { client, repo, .. } => Ok(client.push_blob_file(repo, path, d, size, mount_from).await?),
@@ -229,22 +238,33 @@ impl Store {
         let mut fetched = self.get_manifest(reference).await?;
         let image = self.name().to_string();
         let bad = |what: String| StoreError::Image { image: image.clone(), what };
-        if media::is_index(&fetched.media_type) || sniff_media_type(&fetched.bytes).as_deref() == Some(media::OCI_INDEX) && !media::is_manifest(&fetched.media_type) {
-            let index: ImageIndex = serde_json::from_slice(&fetched.bytes).map_err(|e| bad(format!("index {}: {e}", fetched.digest)))?;
+        if media::is_index(&fetched.media_type)
+            || sniff_media_type(&fetched.bytes).as_deref() == Some(media::OCI_INDEX)
+                && !media::is_manifest(&fetched.media_type)
+        {
+            let index: ImageIndex =
+                serde_json::from_slice(&fetched.bytes).map_err(|e| bad(format!("index {}: {e}", fetched.digest)))?;
             let chosen = index
                 .manifests()
                 .iter()
                 .find(|m| {
-                    m.platform().as_ref().is_some_and(|p| p.os().to_string() == platform.0 && p.architecture().to_string() == platform.1)
+                    m.platform()
+                        .as_ref()
+                        .is_some_and(|p| p.os().to_string() == platform.0 && p.architecture().to_string() == platform.1)
                 })
                 .or_else(|| if index.manifests().len() == 1 { index.manifests().first() } else { None })
-                .ok_or_else(|| bad(format!("index {} has no manifest for {}/{}", fetched.digest, platform.0, platform.1)))?;
+                .ok_or_else(|| {
+                    bad(format!("index {} has no manifest for {}/{}", fetched.digest, platform.0, platform.1))
+                })?;
             let d = Digest::from_oci(chosen.digest()).map_err(|e| bad(e.to_string()))?;
             fetched = self.get_manifest(Some(&Reference::Digest(d))).await?;
             fetched.media_type = chosen.media_type().to_string();
         }
         if !media::is_manifest(&fetched.media_type) {
-            return Err(bad(format!("{} has media type {:?}, not an image manifest", fetched.digest, fetched.media_type)));
+            return Err(bad(format!(
+                "{} has media type {:?}, not an image manifest",
+                fetched.digest, fetched.media_type
+            )));
         }
         let manifest: ImageManifest =
             serde_json::from_slice(&fetched.bytes).map_err(|e| bad(format!("manifest {}: {e}", fetched.digest)))?;
@@ -294,7 +314,10 @@ impl TmpTarget<'_> {
             move |source| LayoutError::Io { path, what, source }
         };
         let mut f = std::fs::File::open(src).map_err(io(src, "cannot open blob"))?;
-        let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(self.dir).map_err(io(self.dir, "cannot create temporary file"))?;
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempfile_in(self.dir)
+            .map_err(io(self.dir, "cannot create temporary file"))?;
         let mut h = crate::digest::Hasher::new();
         let mut buf = vec![0u8; 256 * 1024];
         loop {
@@ -307,9 +330,19 @@ impl TmpTarget<'_> {
         }
         let (actual, actual_size) = h.finish();
         if &actual != d || actual_size != size {
-            return Err(LayoutError::Mismatch { path: src.to_path_buf(), digest: d.clone(), expected_size: size, actual, actual_size });
+            return Err(LayoutError::Mismatch {
+                path: src.to_path_buf(),
+                digest: d.clone(),
+                expected_size: size,
+                actual,
+                actual_size,
+            });
         }
-        tmp.persist(dst).map_err(|e| LayoutError::Io { path: dst.to_path_buf(), what: "cannot move into place", source: e.error })?;
+        tmp.persist(dst).map_err(|e| LayoutError::Io {
+            path: dst.to_path_buf(),
+            what: "cannot move into place",
+            source: e.error,
+        })?;
         Ok(())
     }
 }
