@@ -1,1 +1,16 @@
-//! mwbuild
+//! `mwbuild`: builds one OCI image per MediaWiki version and an aggregate multi-version
+//! image from reproducible, cached, per-component layers. See ARCHITECTURE.md.
+
+pub mod build;
+pub mod cache;
+pub mod compress;
+pub mod image;
+pub mod layer;
+pub mod plan;
+pub mod publish;
+pub mod report;
+pub mod spec;
+pub mod tarball;
+pub mod walk;
+pub mod inspect;
+pub mod rebase;

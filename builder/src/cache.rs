@@ -1,0 +1,259 @@
+//! The content-addressed build cache (default `~/.cache/mwbuild`, `--cache-dir`).
+//!
+//! ```text
+//! <cache>/oci-layout, index.json   the blob store is an OCI layout (handy for inspection)
+//! <cache>/blobs/sha256/<hex>       compressed layers and tables of contents
+//! <cache>/layers/<key>.json        content key -> layer record (digests, sizes, TOC)
+//! <cache>/slots/<hash>.json        per layer slot: each file's lstat facts and sha256
+//! ```
+//!
+//! The content key of a layer is the sha256 of the build parameters and the layer's table
+//! of contents, which determines the layer's bytes. Slot records let an unchanged file be
+//! trusted without reading it (same dev, inode, size, mtime, ctime, mode); files modified
+//! within [`RACY_NS`] of a build are never trusted that way. Every record carries a checksum
+//! and every blob is checked (by its recorded stat, or by rehashing) before reuse; a
+//! corrupt entry is deleted and rebuilt, never used.
+
+use crate::walk::Stat;
+use oci_core::digest::{digest_reader, Digest};
+use oci_core::layout::{Layout, LayoutError};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// A file modified this close to the build start is re-read next time (racy-clean rule).
+pub const RACY_NS: i64 = 2_000_000_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("cache {path}: {what}")]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LayerRecord {
+    pub key: Digest,
+    pub diff_id: Digest,
+    pub digest: Digest,
+    pub size: u64,
+    pub uncompressed_size: u64,
+    pub media_type: String,
+    pub toc_digest: Digest,
+    pub toc_size: u64,
+    /// lstat of the blob when it was verified, to skip rehashing it.
+    pub blob_stat: BlobStat,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BlobStat {
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+}
+
+impl BlobStat {
+    pub fn of(path: &Path) -> io::Result<BlobStat> {
+        let m = fs::metadata(path)?;
+        Ok(BlobStat {
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SlotFile {
+    pub rel: String,
+    pub stat: Stat,
+    pub sha256: Digest,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SlotRecord {
+    pub slot: String,
+    pub source: PathBuf,
+    pub params: Digest,
+    pub files: Vec<SlotFile>,
+    pub last_key: Option<Digest>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Sealed<T> {
+    sum: Digest,
+    body: T,
+}
+
+pub struct Cache {
+    root: PathBuf,
+    blobs: Layout,
+}
+
+impl Cache {
+    pub fn default_dir() -> PathBuf {
+        dirs::cache_dir().unwrap_or_else(std::env::temp_dir).join("mwbuild")
+    }
+
+    pub fn open(root: &Path) -> Result<Cache, CacheError> {
+        for sub in ["layers", "slots"] {
+            let p = root.join(sub);
+            fs::create_dir_all(&p).map_err(|source| CacheError::Io { path: p, what: "cannot create directory", source })?;
+        }
+        Ok(Cache { root: root.to_path_buf(), blobs: Layout::create(root)? })
+    }
+
+    pub fn blobs(&self) -> &Layout {
+        &self.blobs
+    }
+
+    pub fn blob_path(&self, d: &Digest) -> PathBuf {
+        self.blobs.blob_path(d)
+    }
+
+    pub fn tmp_blob(&self) -> Result<tempfile::NamedTempFile, CacheError> {
+        let dir = self.root.join("blobs/sha256");
+        tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempfile_in(&dir)
+            .map_err(|source| CacheError::Io { path: dir, what: "cannot create temporary blob", source })
+    }
+
+    /// Move a fully written and hashed temporary blob into place.
+    pub fn persist_blob(&self, tmp: tempfile::NamedTempFile, d: &Digest) -> Result<BlobStat, CacheError> {
+        let dst = self.blob_path(d);
+        tmp.persist(&dst).map_err(|e| CacheError::Io { path: dst.clone(), what: "cannot move blob into place", source: e.error })?;
+        BlobStat::of(&dst).map_err(|source| CacheError::Io { path: dst, what: "cannot stat blob", source })
+    }
+
+    fn read_sealed<T: DeserializeOwned + Serialize>(&self, path: &Path) -> Option<T> {
+        let bytes = fs::read(path).ok()?;
+        let sealed: Sealed<T> = match serde_json::from_slice(&bytes) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("cache record {} is corrupt ({e}); ignoring it", path.display());
+                let _ = fs::remove_file(path);
+                return None;
+            }
+        };
+        let body = serde_json::to_vec(&sealed.body).ok()?;
+        if Digest::of(&body) != sealed.sum {
+            tracing::warn!("cache record {} fails its checksum; ignoring it", path.display());
+            let _ = fs::remove_file(path);
+            return None;
+        }
+        Some(sealed.body)
+    }
+
+    fn write_sealed<T: Serialize>(&self, path: &Path, body: &T) -> Result<(), CacheError> {
+        let io = |what| {
+            let path = path.to_path_buf();
+            move |source| CacheError::Io { path, what, source }
+        };
+        let bytes = serde_json::to_vec(body).map_err(|e| CacheError::Io { path: path.to_path_buf(), what: "cannot encode record", source: e.into() })?;
+        let sealed = Sealed { sum: Digest::of(&bytes), body };
+        let out = serde_json::to_vec(&sealed).map_err(|e| CacheError::Io { path: path.to_path_buf(), what: "cannot encode record", source: e.into() })?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir).map_err(io("cannot create record"))?;
+        io::Write::write_all(&mut tmp, &out).map_err(io("cannot write record"))?;
+        tmp.persist(path).map_err(|e| CacheError::Io { path: path.to_path_buf(), what: "cannot replace record", source: e.error })?;
+        Ok(())
+    }
+
+    fn slot_path(&self, slot: &str, source: &Path) -> PathBuf {
+        let id = Digest::of(format!("{slot}\0{}", source.display()).as_bytes());
+        self.root.join("slots").join(format!("{}.json", id.hex()))
+    }
+
+    pub fn load_slot(&self, slot: &str, source: &Path, params: &Digest) -> Option<SlotRecord> {
+        let r: SlotRecord = self.read_sealed(&self.slot_path(slot, source))?;
+        (r.slot == slot && r.source == source && &r.params == params).then_some(r)
+    }
+
+    pub fn save_slot(&self, r: &SlotRecord) -> Result<(), CacheError> {
+        self.write_sealed(&self.slot_path(&r.slot, &r.source), r)
+    }
+
+    /// A reusable layer for this key, with its blob and table of contents checked.
+    pub fn lookup_layer(&self, key: &Digest) -> Option<LayerRecord> {
+        let path = self.root.join("layers").join(format!("{}.json", key.hex()));
+        let mut r: LayerRecord = self.read_sealed(&path)?;
+        if &r.key != key {
+            return None;
+        }
+        let blob = self.blob_path(&r.digest);
+        let toc_ok = self.blobs.blob_size(&r.toc_digest) == Some(r.toc_size);
+        let stat_ok = BlobStat::of(&blob).ok() == Some(r.blob_stat);
+        if toc_ok && stat_ok {
+            return Some(r);
+        }
+        // Stat changed (copied cache, touched file, or corruption): rehash to decide.
+        let verified = toc_ok
+            && fs::File::open(&blob)
+                .and_then(|f| digest_reader(io::BufReader::new(f)))
+                .is_ok_and(|(d, n)| d == r.digest && n == r.size);
+        if !verified {
+            tracing::warn!("cached layer {} is missing or corrupt; rebuilding it", r.digest);
+            let _ = fs::remove_file(&blob);
+            let _ = fs::remove_file(&path);
+            return None;
+        }
+        if let Ok(s) = BlobStat::of(&blob) {
+            r.blob_stat = s;
+            let _ = self.write_sealed(&path, &r);
+        }
+        Some(r)
+    }
+
+    pub fn save_layer(&self, r: &LayerRecord) -> Result<(), CacheError> {
+        self.write_sealed(&self.root.join("layers").join(format!("{}.json", r.key.hex())), r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn corrupt_records_and_blobs_are_not_used() -> Result<(), Box<dyn std::error::Error>> {
+        let t = tempfile::tempdir()?;
+        let c = Cache::open(t.path())?;
+        let (toc, toc_size) = c.blobs().put_blob_bytes(b"toc")?;
+        let (digest, size) = c.blobs().put_blob_bytes(b"layer bytes")?;
+        let key = Digest::of(b"key");
+        let rec = LayerRecord {
+            key: key.clone(),
+            diff_id: Digest::of(b"d"),
+            digest: digest.clone(),
+            size,
+            uncompressed_size: 1,
+            media_type: "m".into(),
+            toc_digest: toc,
+            toc_size,
+            blob_stat: BlobStat::of(&c.blob_path(&digest))?,
+        };
+        c.save_layer(&rec)?;
+        assert_eq!(c.lookup_layer(&key), Some(rec.clone()));
+        // Tamper with the blob: detected, removed, not used.
+        fs::write(c.blob_path(&digest), b"layer bytez")?;
+        assert_eq!(c.lookup_layer(&key), None);
+        assert!(!c.blob_path(&digest).exists());
+        // Tamper with a record: checksum fails.
+        c.save_layer(&rec)?;
+        let p = t.path().join("layers").join(format!("{}.json", key.hex()));
+        let text = fs::read_to_string(&p)?.replace("\"uncompressed_size\":1", "\"uncompressed_size\":2");
+        fs::write(&p, text)?;
+        assert_eq!(c.lookup_layer(&key), None);
+        Ok(())
+    }
+}

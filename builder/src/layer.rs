@@ -1,0 +1,344 @@
+//! Building one layer: the entry sequence (with ancestor directories), its table of
+//! contents, the cache decision, and the tar + compression pass.
+//!
+//! Decision per layer (see `cache.rs`):
+//! 1. files whose lstat matches the slot record get their sha256 from it, unread;
+//! 2. if the slot was built before, the remaining files are hashed (read once), the table of
+//!    contents is formed and the content key looked up: a hit reuses the compressed blob;
+//! 3. otherwise (first build of the slot, or a miss) the layer is written: tar, hash and
+//!    compress in one pass.
+
+use crate::cache::{Cache, CacheError, LayerRecord, SlotFile, SlotRecord, RACY_NS};
+use crate::compress::{BlockSink, Engine};
+use crate::plan::LayerPlan;
+use crate::spec::{Algorithm, Compression, Ownership};
+use crate::tarball::{Fixed, TarError, TarWriter};
+use crate::walk::{Entry, Kind};
+use oci_core::digest::{Digest, Hasher};
+use oci_core::media;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    #[error("layer {slot}")]
+    Tar {
+        slot: String,
+        #[source]
+        source: TarError,
+    },
+    #[error("layer {slot}: cannot read {path}; check its permissions")]
+    Read {
+        slot: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("layer {slot}: {path} changed during the build; run it again once the tree is stable")]
+    Changed { slot: String, path: PathBuf },
+    #[error("layer {slot}: compression failed")]
+    Compress {
+        slot: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("layer {slot}")]
+    Cache {
+        slot: String,
+        #[source]
+        source: CacheError,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TocKind {
+    Dir,
+    File,
+    Symlink,
+}
+
+/// One entry of a layer's table of contents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TocEntry {
+    /// Path in the image, without leading '/' or trailing '/'.
+    pub path: String,
+    #[serde(rename = "type")]
+    pub kind: TocKind,
+    pub mode: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<Digest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+/// The table of contents of a layer, stored as a blob of media type
+/// [`media::TOC_MEDIA_TYPE`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Toc {
+    #[serde(rename = "mediaType")]
+    pub media_type: String,
+    pub entries: Vec<TocEntry>,
+}
+
+impl Toc {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+pub fn layer_media_type(c: &Compression) -> &'static str {
+    match c.algorithm {
+        Algorithm::Zstd => media::OCI_LAYER_ZSTD,
+        Algorithm::Gzip => media::OCI_LAYER_GZIP,
+    }
+}
+
+/// Digest of everything besides the entries that determines a layer's bytes.
+pub fn params_digest(c: &Compression, o: &Ownership) -> Digest {
+    let v = serde_json::json!({ "format": 1, "compression": c, "ownership": o });
+    Digest::of(v.to_string().as_bytes())
+}
+
+enum Item<'a> {
+    Dir(String),
+    File { path: String, mode: u32, entry: &'a Entry },
+    Symlink { path: String, target: &'a str },
+}
+
+/// The layer's entries in tar order, each preceded by any ancestor directory not yet
+/// emitted (so every layer carries its parents with the normalised mode).
+fn items<'a>(plan: &'a LayerPlan, own: &Ownership) -> Vec<Item<'a>> {
+    let mut out = Vec::with_capacity(plan.entries.len() + 8);
+    let mut emitted: HashSet<String> = HashSet::new();
+    let mut ensure_dir = |path: &str, out: &mut Vec<Item<'a>>| {
+        let mut acc = String::new();
+        for c in path.split('/') {
+            if !acc.is_empty() {
+                acc.push('/');
+            }
+            acc.push_str(c);
+            if emitted.insert(acc.clone()) {
+                out.push(Item::Dir(acc.clone()));
+            }
+        }
+    };
+    ensure_dir(&plan.dest, &mut out);
+    for e in &plan.entries {
+        let path = format!("{}/{}", plan.dest, e.rel);
+        if let Some((parent, _)) = path.rsplit_once('/') {
+            ensure_dir(parent, &mut out);
+        }
+        match &e.kind {
+            Kind::Dir => ensure_dir(&path, &mut out),
+            Kind::File { exec, .. } => out.push(Item::File { path, mode: if *exec { own.exec_mode } else { own.file_mode }, entry: e }),
+            Kind::Symlink { target } => out.push(Item::Symlink { path, target }),
+        }
+    }
+    out
+}
+
+fn toc_of(items: &[Item], own: &Ownership, hashes: &HashMap<&str, Digest>) -> Toc {
+    let entries = items
+        .iter()
+        .map(|i| match i {
+            Item::Dir(p) => TocEntry { path: p.clone(), kind: TocKind::Dir, mode: own.dir_mode, size: None, sha256: None, target: None },
+            Item::File { path, mode, entry } => TocEntry {
+                path: path.clone(),
+                kind: TocKind::File,
+                mode: *mode,
+                size: Some(entry.stat.size),
+                sha256: hashes.get(entry.rel.as_str()).cloned(),
+                target: None,
+            },
+            Item::Symlink { path, target } => TocEntry {
+                path: path.clone(),
+                kind: TocKind::Symlink,
+                mode: 0o777,
+                size: None,
+                sha256: None,
+                target: Some(target.to_string()),
+            },
+        })
+        .collect();
+    Toc { media_type: media::TOC_MEDIA_TYPE.to_string(), entries }
+}
+
+fn content_key(params: &Digest, toc_bytes: &[u8]) -> Digest {
+    let mut h = Hasher::new();
+    h.update(params.to_string().as_bytes());
+    h.update(b"\n");
+    h.update(toc_bytes);
+    h.finish().0
+}
+
+/// Open a source file without following a symlink swapped in since the walk, and check
+/// it is still the file the walk saw.
+fn open_checked(slot: &str, path: &Path, e: &Entry) -> Result<File, LayerError> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|source| LayerError::Read { slot: slot.to_string(), path: path.to_path_buf(), source })?;
+    let m = f.metadata().map_err(|source| LayerError::Read { slot: slot.to_string(), path: path.to_path_buf(), source })?;
+    if !m.is_file() || m.ino() != e.stat.ino || m.size() != e.stat.size {
+        return Err(LayerError::Changed { slot: slot.to_string(), path: path.to_path_buf() });
+    }
+    Ok(f)
+}
+
+fn hash_file(slot: &str, path: &Path, e: &Entry) -> Result<Digest, LayerError> {
+    let f = open_checked(slot, path, e)?;
+    let (d, n) = oci_core::digest::digest_reader(io::BufReader::with_capacity(256 * 1024, f))
+        .map_err(|source| LayerError::Read { slot: slot.to_string(), path: path.to_path_buf(), source })?;
+    if n != e.stat.size {
+        return Err(LayerError::Changed { slot: slot.to_string(), path: path.to_path_buf() });
+    }
+    Ok(d)
+}
+
+#[derive(Debug, Clone)]
+pub struct LayerOutcome {
+    pub slot: String,
+    pub record: LayerRecord,
+    pub rebuilt: bool,
+    /// Bytes of source files read (for hashing or writing).
+    pub bytes_read: u64,
+    /// Uncompressed bytes that went through the compressor.
+    pub bytes_compressed: u64,
+    pub duration: Duration,
+}
+
+pub struct LayerBuilder<'a> {
+    pub cache: &'a Cache,
+    pub engine: Arc<Engine>,
+    pub ownership: &'a Ownership,
+    pub params: Digest,
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
+}
+
+impl LayerBuilder<'_> {
+    pub fn build(&self, plan: &LayerPlan) -> Result<LayerOutcome, LayerError> {
+        let started = Instant::now();
+        let started_ns = now_ns();
+        let slot = plan.slot.as_str();
+        let cache_err = |source| LayerError::Cache { slot: slot.to_string(), source };
+        let items = items(plan, self.ownership);
+        let previous = self.cache.load_slot(slot, &plan.source, &self.params);
+        let mut hashes: HashMap<&str, Digest> = HashMap::new();
+        if let Some(prev) = &previous {
+            let known: HashMap<&str, &SlotFile> = prev.files.iter().map(|f| (f.rel.as_str(), f)).collect();
+            for e in &plan.entries {
+                if let Some(f) = known.get(e.rel.as_str()) {
+                    if f.stat == e.stat {
+                        hashes.insert(e.rel.as_str(), f.sha256.clone());
+                    }
+                }
+            }
+        }
+        let files: Vec<&Entry> = plan.entries.iter().filter(|e| matches!(e.kind, Kind::File { .. })).collect();
+        let mut bytes_read = 0u64;
+        if previous.is_some() || files.iter().all(|e| hashes.contains_key(e.rel.as_str())) {
+            // Hash what the stat cache cannot vouch for, then try the content key.
+            for e in &files {
+                if !hashes.contains_key(e.rel.as_str()) {
+                    let d = hash_file(slot, &plan.source.join(&e.rel), e)?;
+                    bytes_read += e.stat.size;
+                    hashes.insert(e.rel.as_str(), d);
+                }
+            }
+            let toc = toc_of(&items, self.ownership, &hashes);
+            let key = content_key(&self.params, &toc.to_bytes());
+            if let Some(record) = self.cache.lookup_layer(&key) {
+                self.save_slot(plan, &hashes, &record.key, started_ns).map_err(cache_err)?;
+                return Ok(LayerOutcome { slot: slot.to_string(), record, rebuilt: false, bytes_read, bytes_compressed: 0, duration: started.elapsed() });
+            }
+        }
+        // Write the layer.
+        let tmp = self.cache.tmp_blob().map_err(cache_err)?;
+        let out = tmp.reopen().map_err(|source| LayerError::Compress { slot: slot.to_string(), source })?;
+        let sink = BlockSink::new(self.engine.clone(), out);
+        let fixed = Fixed { uid: self.ownership.uid, gid: self.ownership.gid, mtime: self.ownership.mtime };
+        let mut w = TarWriter::new(sink, fixed);
+        let tar_err = |source| LayerError::Tar { slot: slot.to_string(), source };
+        let mut written: HashMap<&str, Digest> = HashMap::new();
+        for it in &items {
+            match it {
+                Item::Dir(p) => w.dir(p, self.ownership.dir_mode).map_err(tar_err)?,
+                Item::Symlink { path, target } => w.symlink(path, target).map_err(tar_err)?,
+                Item::File { path, mode, entry } => {
+                    let src = plan.source.join(&entry.rel);
+                    let f = open_checked(slot, &src, entry)?;
+                    let d = w
+                        .file(path, *mode, entry.stat.size, f, &src.to_string_lossy())
+                        .map_err(tar_err)?;
+                    bytes_read += entry.stat.size;
+                    if hashes.get(entry.rel.as_str()).is_some_and(|h| h != &d) {
+                        return Err(LayerError::Changed { slot: slot.to_string(), path: src });
+                    }
+                    written.insert(entry.rel.as_str(), d);
+                }
+            }
+        }
+        let sink = w.finish().map_err(tar_err)?;
+        let sealed = sink.finish().map_err(|source| LayerError::Compress { slot: slot.to_string(), source })?;
+        let toc = toc_of(&items, self.ownership, &written);
+        let toc_bytes = toc.to_bytes();
+        let key = content_key(&self.params, &toc_bytes);
+        let (toc_digest, toc_size) = self.cache.blobs().put_blob_bytes(&toc_bytes).map_err(|e| cache_err(e.into()))?;
+        let blob_stat = self.cache.persist_blob(tmp, &sealed.digest).map_err(cache_err)?;
+        let record = LayerRecord {
+            key: key.clone(),
+            diff_id: sealed.diff_id,
+            digest: sealed.digest,
+            size: sealed.size,
+            uncompressed_size: sealed.uncompressed_size,
+            media_type: layer_media_type(&self.engine.compression).to_string(),
+            toc_digest,
+            toc_size,
+            blob_stat,
+        };
+        self.cache.save_layer(&record).map_err(cache_err)?;
+        self.save_slot(plan, &written, &key, started_ns).map_err(cache_err)?;
+        Ok(LayerOutcome {
+            slot: slot.to_string(),
+            record,
+            rebuilt: true,
+            bytes_read,
+            bytes_compressed: sealed.uncompressed_size,
+            duration: started.elapsed(),
+        })
+    }
+
+    fn save_slot(&self, plan: &LayerPlan, hashes: &HashMap<&str, Digest>, key: &Digest, started_ns: i64) -> Result<(), CacheError> {
+        let files = plan
+            .entries
+            .iter()
+            .filter(|e| e.stat.mtime_ns < started_ns - RACY_NS && e.stat.ctime_ns < started_ns - RACY_NS)
+            .filter_map(|e| Some(SlotFile { rel: e.rel.clone(), stat: e.stat, sha256: hashes.get(e.rel.as_str())?.clone() }))
+            .collect();
+        self.cache.save_slot(&SlotRecord {
+            slot: plan.slot.clone(),
+            source: plan.source.clone(),
+            params: self.params.clone(),
+            files,
+            last_key: Some(key.clone()),
+        })
+    }
+}
+
+/// Read a table of contents blob.
+pub fn parse_toc(bytes: &[u8]) -> Result<Toc, serde_json::Error> {
+    serde_json::from_slice(bytes)
+}
