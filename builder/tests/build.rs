@@ -1,0 +1,468 @@
+//! End-to-end tests of `mwbuild build` on generated MediaWiki-shaped trees, checked with
+//! independent tools (umoci, oci-image-tool, skopeo) where they are installed.
+
+use mwbuild::build::{build, BuildOptions};
+use mwbuild::report::Report;
+use mwbuild::spec::Spec;
+use mwfixture::{generate_train, Size, Train, TrainOptions};
+use oci_core::layout::Layout;
+use oci_core::reference::ImageRef;
+use oci_core::registry::ClientOptions;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+type R<T = ()> = Result<T, Box<dyn std::error::Error>>;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime")
+}
+
+fn train(dir: &Path, versions: usize) -> R<Train> {
+    Ok(generate_train(&dir.join("train"), &TrainOptions { seed: 7, size: Size::Tiny, versions, churn: 0.05, ..TrainOptions::default() })?)
+}
+
+fn opts(out: &Path, cache: &Path, jobs: usize) -> BuildOptions {
+    BuildOptions {
+        output: format!("oci:{}", out.display()).parse().expect("ref"),
+        cache_dir: cache.to_path_buf(),
+        jobs,
+        registry: ClientOptions::default(),
+        progress: false,
+        now: None,
+    }
+}
+
+fn run_build(spec: &Spec, o: &BuildOptions) -> R<Report> {
+    Ok(rt().block_on(build(spec, o))?)
+}
+
+/// flavour -> ordered layer digests, from the layout itself.
+fn layers_by_tag(out: &Path) -> R<BTreeMap<String, Vec<String>>> {
+    let l = Layout::open(out)?;
+    let mut m = BTreeMap::new();
+    for (tag, desc) in l.tags()? {
+        if tag.starts_with("sha256-") {
+            continue;
+        }
+        let d = oci_core::Digest::from_oci(desc.digest())?;
+        let v: serde_json::Value = serde_json::from_slice(&l.read_blob(&d, None)?)?;
+        let layers = v["layers"].as_array().map(|a| a.iter().filter_map(|x| x["digest"].as_str().map(String::from)).collect()).unwrap_or_default();
+        m.insert(tag, layers);
+    }
+    Ok(m)
+}
+
+fn digests(r: &Report) -> Vec<String> {
+    r.images.iter().map(|i| format!("{}={}", i.flavour, i.digest)).collect()
+}
+
+/// Copy a tree in reverse name order, with scrambled mtimes and group-writable modes (as
+/// a different umask would give).
+fn scrambled_copy(src: &Path, dst: &Path, salt: i64) -> R {
+    fs::create_dir_all(dst)?;
+    let mut names: Vec<_> = fs::read_dir(src)?.collect::<Result<Vec<_>, _>>()?;
+    names.sort_by_key(|e| std::cmp::Reverse(e.file_name()));
+    for e in names {
+        let (s, d) = (e.path(), dst.join(e.file_name()));
+        let ft = e.file_type()?;
+        if ft.is_symlink() {
+            std::os::unix::fs::symlink(fs::read_link(&s)?, &d)?;
+            continue;
+        }
+        if ft.is_dir() {
+            scrambled_copy(&s, &d, salt)?;
+            fs::set_permissions(&d, fs::Permissions::from_mode(0o775))?;
+        } else {
+            fs::copy(&s, &d)?;
+            let m = fs::metadata(&s)?.permissions().mode();
+            fs::set_permissions(&d, fs::Permissions::from_mode(if m & 0o111 != 0 { 0o775 } else { 0o664 }))?;
+        }
+        let t = filetime(1_000_000 + salt * 7919 + d.as_os_str().len() as i64);
+        let f = fs::File::options().write(!ft.is_dir()).read(ft.is_dir()).open(&d)?;
+        f.set_modified(t)?;
+    }
+    Ok(())
+}
+
+fn filetime(secs: i64) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs as u64)
+}
+
+fn spec_with_sources(t: &Train, versions: &[PathBuf]) -> R<Spec> {
+    let mut spec = Spec::load(&t.spec)?;
+    for (v, src) in spec.versions.iter_mut().zip(versions) {
+        v.source = src.clone();
+    }
+    Ok(spec)
+}
+
+#[test]
+fn reproducible_across_copies_mtimes_modes_order_and_jobs() -> R {
+    let tmp = tempfile::tempdir()?;
+    let t = train(tmp.path(), 2)?;
+    let spec = Spec::load(&t.spec)?;
+    let a = run_build(&spec, &opts(&tmp.path().join("a"), &tmp.path().join("cache-a"), 1))?;
+    // A scrambled copy of every tree, built with another cache and thread count.
+    let mut copies = Vec::new();
+    for (i, v) in spec.versions.iter().enumerate() {
+        let c = tmp.path().join(format!("copy-{i}"));
+        scrambled_copy(&v.source, &c, i as i64 + 3)?;
+        copies.push(c);
+    }
+    let spec_b = spec_with_sources(&t, &copies)?;
+    let b = run_build(&spec_b, &opts(&tmp.path().join("b"), &tmp.path().join("cache-b"), 4))?;
+    assert_eq!(digests(&a), digests(&b));
+    assert!(b.layers.iter().all(|l| l.rebuilt), "second build had its own cache, so it must have compressed everything");
+    Ok(())
+}
+
+#[test]
+fn aggregate_reuses_version_layers_and_noop_compresses_nothing() -> R {
+    let tmp = tempfile::tempdir()?;
+    let t = train(tmp.path(), 2)?;
+    let spec = Spec::load(&t.spec)?;
+    let (out, cache) = (tmp.path().join("out"), tmp.path().join("cache"));
+    let first = run_build(&spec, &opts(&out, &cache, 2))?;
+    let tags = layers_by_tag(&out)?;
+    let agg: BTreeSet<&String> = tags["multiversion"].iter().collect();
+    for v in &t.versions {
+        for d in &tags[v] {
+            assert!(agg.contains(d), "layer {d} of {v} missing from the aggregate");
+        }
+    }
+    // Every layer of the aggregate is the base's, a shared one, or one version's.
+    let union: BTreeSet<&String> = t.versions.iter().flat_map(|v| tags[v].iter()).collect();
+    assert_eq!(agg, union);
+    assert!(tags.keys().any(|k| k.ends_with("-multiversion") && k.len() == "2026-01-01-000000-multiversion".len()), "date tag missing: {tags:?}");
+    assert!(first.layers.len() <= 64 && tags["multiversion"].len() <= 64);
+
+    let again = run_build(&spec, &opts(&out, &cache, 2))?;
+    assert_eq!(digests(&first), digests(&again));
+    assert!(again.layers.iter().all(|l| !l.rebuilt && l.bytes_compressed == 0), "no-op rebuild compressed something");
+    assert_eq!(again.totals.pushed, 0);
+    Ok(())
+}
+
+#[test]
+fn one_changed_file_changes_exactly_one_layer() -> R {
+    let tmp = tempfile::tempdir()?;
+    let t = train(tmp.path(), 1)?;
+    let spec = Spec::load(&t.spec)?;
+    let (out, cache) = (tmp.path().join("out"), tmp.path().join("cache"));
+    run_build(&spec, &opts(&out, &cache, 2))?;
+    let before = layers_by_tag(&out)?[&t.versions[0]].clone();
+    let changed = mwfixture::edit_files(&spec.versions[0].source, 1, 99)?;
+    assert_eq!(changed.len(), 1);
+    let r = run_build(&spec, &opts(&out, &cache, 2))?;
+    let after = layers_by_tag(&out)?[&t.versions[0]].clone();
+    assert_eq!(before.len(), after.len());
+    let differing = before.iter().zip(&after).filter(|(a, b)| a != b).count();
+    assert_eq!(differing, 1, "editing {changed:?} changed {differing} layers");
+    assert_eq!(r.layers.iter().filter(|l| l.rebuilt).count(), 1);
+    Ok(())
+}
+
+#[test]
+fn touched_tree_is_rehashed_not_recompressed() -> R {
+    let tmp = tempfile::tempdir()?;
+    let t = train(tmp.path(), 1)?;
+    let spec = Spec::load(&t.spec)?;
+    let (out, cache) = (tmp.path().join("out"), tmp.path().join("cache"));
+    let first = run_build(&spec, &opts(&out, &cache, 2))?;
+    // Same content, new mtimes everywhere: the stat fast path misses, content matches.
+    let copy = tmp.path().join("copy");
+    scrambled_copy(&spec.versions[0].source, &copy, 11)?;
+    fs::remove_dir_all(&spec.versions[0].source)?;
+    fs::rename(&copy, &spec.versions[0].source)?;
+    let r = run_build(&spec, &opts(&out, &cache, 2))?;
+    assert_eq!(digests(&first), digests(&r));
+    assert!(r.layers.iter().all(|l| !l.rebuilt), "unchanged content was recompressed");
+    assert!(r.totals_read > 0, "changed stat must be re-read");
+    Ok(())
+}
+
+#[test]
+fn corrupt_cache_entry_is_rebuilt_not_used() -> R {
+    let tmp = tempfile::tempdir()?;
+    let t = train(tmp.path(), 1)?;
+    let spec = Spec::load(&t.spec)?;
+    let (cache, out1, out2) = (tmp.path().join("cache"), tmp.path().join("o1"), tmp.path().join("o2"));
+    let first = run_build(&spec, &opts(&out1, &cache, 2))?;
+    let victim = &first.layers[0];
+    let p = cache.join("blobs/sha256").join(victim.digest.hex());
+    let mut bytes = fs::read(&p)?;
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    fs::write(&p, bytes)?;
+    let r = run_build(&spec, &opts(&out2, &cache, 2))?;
+    assert_eq!(digests(&first), digests(&r));
+    let l = r.layers.iter().find(|l| l.slot == victim.slot).ok_or("slot missing")?;
+    assert!(l.rebuilt, "corrupt cached layer was reused");
+    Ok(())
+}
+
+fn have(tool: &str) -> bool {
+    Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
+/// (path, type, mode, content or link target) of every entry below `root`.
+fn listing(root: &Path, exclude: &[&str]) -> R<BTreeMap<String, String>> {
+    let mut m = BTreeMap::new();
+    fn go(root: &Path, dir: &Path, exclude: &[&str], m: &mut BTreeMap<String, String>) -> R {
+        for e in fs::read_dir(dir)? {
+            let e = e?;
+            let p = e.path();
+            let rel = p.strip_prefix(root)?.to_string_lossy().to_string();
+            if exclude.iter().any(|x| rel == *x || rel.starts_with(&format!("{x}/")) || rel.ends_with(&format!("/{x}")) || rel.contains(&format!("/{x}/"))) {
+                continue;
+            }
+            let md = fs::symlink_metadata(&p)?;
+            let v = if md.file_type().is_symlink() {
+                format!("link {}", fs::read_link(&p)?.display())
+            } else if md.is_dir() {
+                go(root, &p, exclude, m)?;
+                "dir".to_string()
+            } else {
+                format!("file {} {}", md.permissions().mode() & 0o111 != 0, oci_core::Digest::of(&fs::read(&p)?))
+            };
+            m.insert(rel, v);
+        }
+        Ok(())
+    }
+    go(root, root, exclude, &mut m)?;
+    Ok(m)
+}
+
+#[test]
+fn umoci_unpack_equals_source_and_oci_image_tool_validates() -> R {
+    if !have("umoci") || !have("oci-image-tool") {
+        eprintln!("SKIP: umoci/oci-image-tool not installed (apt-get install umoci oci-image-tool)");
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let t = train(tmp.path(), 2)?;
+    // Debian's umoci 0.4.7 and oci-image-tool 1.0.0-rc1 predate zstd layers: use gzip.
+    let text = fs::read_to_string(&t.spec)?.replace("algorithm = \"zstd\"", "algorithm = \"gzip\"");
+    fs::write(&t.spec, text)?;
+    let spec = Spec::load(&t.spec)?;
+    let out = tmp.path().join("out");
+    run_build(&spec, &opts(&out, &tmp.path().join("cache"), 2))?;
+    for v in &spec.versions {
+        let bundle = tmp.path().join(format!("bundle-{}", v.name));
+        let st = Command::new("umoci").args(["unpack", "--rootless", "--image"]).arg(format!("{}:{}", out.display(), v.name)).arg(&bundle).output()?;
+        assert!(st.status.success(), "umoci: {}", String::from_utf8_lossy(&st.stderr));
+        let unpacked = bundle.join("rootfs/srv/mediawiki").join(format!("php-{}", v.name));
+        let want = listing(&v.source, &[".git", "cache/l10n/upstream"])?;
+        let got = listing(&unpacked, &[])?;
+        assert_eq!(want.len(), got.len());
+        assert_eq!(want, got, "umoci's unpack of {} differs from the source", v.name);
+        assert!(bundle.join("rootfs/srv/mediawiki/wmf-config").is_dir());
+        assert!(bundle.join("rootfs/etc/os-release").is_file(), "base layer missing");
+    }
+    // oci-image-tool 1.0.0-rc1 mis-filters index.json entries when several are present,
+    // so validate each image through a layout holding just that one.
+    let l = Layout::open(&out)?;
+    for (tag, desc) in l.tags()? {
+        if tag.starts_with("sha256-") {
+            continue;
+        }
+        let single = tmp.path().join(format!("single-{tag}"));
+        let sl = Layout::create(&single)?;
+        fs::remove_dir_all(single.join("blobs"))?;
+        Command::new("cp").arg("-al").arg(out.join("blobs")).arg(&single).status()?;
+        sl.set_tag(&tag, &desc)?;
+        let st = Command::new("oci-image-tool").args(["validate", "--type", "image", "--ref"]).arg(format!("name={tag}")).arg(&single).output()?;
+        assert!(st.status.success(), "oci-image-tool on {tag}: {}{}", String::from_utf8_lossy(&st.stdout), String::from_utf8_lossy(&st.stderr));
+    }
+    Ok(())
+}
+
+fn build_err(spec: &Spec, out: &Path, cache: &Path) -> String {
+    match run_build(spec, &opts(out, cache, 2)) {
+        Ok(_) => panic!("build succeeded"),
+        Err(e) => {
+            let mut s = e.to_string();
+            let mut src = e.source();
+            while let Some(c) = src {
+                s.push_str(&format!(": {c}"));
+                src = c.source();
+            }
+            s
+        }
+    }
+}
+
+fn no_tags(out: &Path) -> bool {
+    Layout::open(out).map(|l| l.tags().map(|t| t.is_empty()).unwrap_or(true)).unwrap_or(true)
+}
+
+#[test]
+fn bad_input_gives_clear_errors_and_no_tags() -> R {
+    let tmp = tempfile::tempdir()?;
+    let t = train(tmp.path(), 1)?;
+    let cache = tmp.path().join("cache");
+    let src = Spec::load(&t.spec)?.versions[0].source.clone();
+
+    let out = tmp.path().join("missing");
+    let mut spec = Spec::load(&t.spec)?;
+    spec.versions[0].source = tmp.path().join("nope");
+    let e = build_err(&spec, &out, &cache);
+    assert!(e.contains("nope") && e.contains("does not exist"), "{e}");
+    assert!(no_tags(&out));
+
+    let out = tmp.path().join("loop");
+    std::os::unix::fs::symlink("loop-b", src.join("loop-a"))?;
+    std::os::unix::fs::symlink("loop-a", src.join("loop-b"))?;
+    let e = build_err(&Spec::load(&t.spec)?, &out, &cache);
+    assert!(e.contains("loop-") && e.contains("loop"), "{e}");
+    assert!(no_tags(&out));
+    fs::remove_file(src.join("loop-a"))?;
+    fs::remove_file(src.join("loop-b"))?;
+
+    let out = tmp.path().join("escape");
+    std::os::unix::fs::symlink("../../../../etc/passwd", src.join("escape"))?;
+    let e = build_err(&Spec::load(&t.spec)?, &out, &cache);
+    assert!(e.contains("escape") && e.contains("leaves the tree"), "{e}");
+    fs::remove_file(src.join("escape"))?;
+
+    let out = tmp.path().join("fifo");
+    let st = Command::new("mkfifo").arg(src.join("a-fifo")).status()?;
+    assert!(st.success());
+    let e = build_err(&Spec::load(&t.spec)?, &out, &cache);
+    assert!(e.contains("a-fifo") && e.contains("FIFO"), "{e}");
+    fs::remove_file(src.join("a-fifo"))?;
+    assert!(no_tags(&out));
+
+    // Spec errors name the key and line.
+    let text = fs::read_to_string(&t.spec)?;
+    let bad = t.spec.with_file_name("bad.toml");
+    fs::write(&bad, text.replace("[compression]", "[compression]\nthreads = 4"))?;
+    let e = Spec::load(&bad).expect_err("unknown key").to_string();
+    assert!(e.contains("threads") && e.contains("line"), "{e}");
+    fs::write(&bad, text.replace("oci:base:latest", "docker://registry.example.org/base:latest"))?;
+    let e = Spec::load(&bad).expect_err("unpinned").to_string();
+    assert!(e.contains("pinned by digest"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn unreadable_file_is_named() -> R {
+    // Root reads everything; run the check as an unprivileged user when we are root.
+    let tmp = tempfile::tempdir()?;
+    let t = train(tmp.path(), 1)?;
+    let src = Spec::load(&t.spec)?.versions[0].source.clone();
+    let secret = src.join("includes/secret.php");
+    fs::write(&secret, "<?php")?;
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o000))?;
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_mwbuild"));
+    let is_root = Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false);
+    let mut cmd = if is_root {
+        if !have("setpriv") {
+            eprintln!("SKIP: running as root without setpriv");
+            return Ok(());
+        }
+        // Let the unprivileged user reach the tree and write its output.
+        Command::new("chmod").args(["-R", "a+rwX"]).arg(tmp.path()).status()?;
+        fs::set_permissions(&secret, fs::Permissions::from_mode(0o000))?;
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o777))?;
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]).arg(&exe);
+        c
+    } else {
+        Command::new(&exe)
+    };
+    let out = tmp.path().join("out");
+    let o = cmd
+        .arg("build")
+        .arg(&t.spec)
+        .arg("--output")
+        .arg(format!("oci:{}", out.display()))
+        .arg("--cache-dir")
+        .arg(tmp.path().join("cache"))
+        .arg("--quiet")
+        .env("HOME", tmp.path())
+        .output()?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "build of an unreadable file succeeded");
+    assert!(err.contains("secret.php") && err.contains("ermission"), "{err}");
+    assert!(no_tags(&out));
+    Ok(())
+}
+
+#[test]
+fn diff_and_inspect_read_only_metadata() -> R {
+    let tmp = tempfile::tempdir()?;
+    let t = train(tmp.path(), 1)?;
+    let spec = Spec::load(&t.spec)?;
+    let (out, cache) = (tmp.path().join("out"), tmp.path().join("cache"));
+    let out2 = tmp.path().join("out2");
+    run_build(&spec, &opts(&out, &cache, 2))?;
+    let changed = mwfixture::edit_files(&spec.versions[0].source, 3, 5)?;
+    run_build(&spec, &opts(&out2, &cache, 2))?;
+    let v = &t.versions[0];
+    let a: ImageRef = format!("oci:{}:{v}", out.display()).parse()?;
+    let b: ImageRef = format!("oci:{}:{v}", out2.display()).parse()?;
+    // Remove every MediaWiki layer blob: diff must not need them.
+    for o in [&out, &out2] {
+        for (_, layers) in layers_by_tag(o)? {
+            for d in layers.iter().skip(1) {
+                let _ = fs::remove_file(o.join("blobs/sha256").join(d.trim_start_matches("sha256:")));
+            }
+        }
+    }
+    let d = rt().block_on(mwbuild::inspect::diff(&a, &b, &ClientOptions::default()))?;
+    let sec = &d.sections[&format!("php-{v}")];
+    let mut got: Vec<String> = sec.changed.iter().map(|p| p.trim_start_matches(&format!("srv/mediawiki/php-{v}/")).to_string()).collect();
+    let mut want: Vec<String> = changed.iter().map(|p| p.to_string_lossy().to_string()).collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+    assert!(sec.added.is_empty() && sec.removed.is_empty());
+    assert!(!d.base_changed);
+
+    let mv: ImageRef = format!("oci:{}:multiversion", out.display()).parse()?;
+    let text = rt().block_on(mwbuild::inspect::inspect(&mv, &ClientOptions::default()))?;
+    assert!(text.contains("base") && text.contains("core") && text.contains("shared/wmf-config"), "{text}");
+    assert!(text.contains(v.as_str()), "inspect does not say the layers are shared with {v}:\n{text}");
+    Ok(())
+}
+
+#[test]
+fn rebase_swaps_only_base_layers() -> R {
+    let tmp = tempfile::tempdir()?;
+    let t = train(tmp.path(), 1)?;
+    let spec = Spec::load(&t.spec)?;
+    let out = tmp.path().join("out");
+    run_build(&spec, &opts(&out, &tmp.path().join("cache"), 2))?;
+    // A second base: scratch-built layout with a different layer.
+    let base2 = tmp.path().join("base2");
+    let b2 = Layout::create(&base2)?;
+    let layer = {
+        let mut w = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_size(3);
+        h.set_mode(0o644);
+        h.set_cksum();
+        w.append_data(&mut h, "etc/new-base", &b"new"[..])?;
+        w.into_inner()?
+    };
+    let (ld, ls) = b2.put_blob_bytes(&layer)?;
+    let cfg = serde_json::json!({"architecture":"amd64","os":"linux","config":{"Env":["NEW=1"]},"rootfs":{"type":"layers","diff_ids":[ld.to_string()]}});
+    let (cd, cs) = b2.put_blob_bytes(&serde_json::to_vec(&cfg)?)?;
+    let m = serde_json::json!({"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":cd.to_string(),"size":cs},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":ld.to_string(),"size":ls}]});
+    let (md, ms) = b2.put_blob_bytes(&serde_json::to_vec(&m)?)?;
+    b2.set_tag("latest", &oci_spec::image::Descriptor::new(oci_spec::image::MediaType::ImageManifest, ms, md.to_oci()))?;
+
+    let before = layers_by_tag(&out)?["multiversion"].clone();
+    let src: ImageRef = format!("oci:{}:multiversion", out.display()).parse()?;
+    let dst: ImageRef = format!("oci:{}:rebased", out.display()).parse()?;
+    let onto: ImageRef = format!("oci:{}:latest", base2.display()).parse()?;
+    rt().block_on(mwbuild::rebase::rebase(&src, &onto, &dst, &ClientOptions::default()))?;
+    let after = layers_by_tag(&out)?["rebased"].clone();
+    assert_eq!(after[0], ld.to_string());
+    assert_eq!(&after[1..], &before[1..], "MediaWiki layers changed");
+    Ok(())
+}
