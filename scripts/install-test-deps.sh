@@ -2,7 +2,7 @@
 # Install the independent tools the tests check our output with (Debian packages).
 set -euo pipefail
 need=()
-for pair in skopeo:skopeo umoci:umoci oci-image-tool:oci-image-tool docker-registry:docker-registry zstd:zstd setpriv:util-linux; do
+for pair in skopeo:skopeo umoci:umoci oci-image-tool:oci-image-tool docker-registry:docker-registry zstd:zstd setpriv:util-linux openssl:openssl; do
   bin=${pair%%:*}; pkg=${pair##*:}
   command -v "$bin" >/dev/null 2>&1 || need+=("$pkg")
 done

@@ -62,37 +62,69 @@ pub struct Base {
     pub provenance: String,
 }
 
-pub async fn load_base(spec_base: &BaseImage, platform: &(String, String), opts: &ClientOptions) -> Result<Base, BuildError> {
+pub async fn load_base(
+    spec_base: &BaseImage,
+    platform: &(String, String),
+    opts: &ClientOptions,
+) -> Result<Base, BuildError> {
     let r = match spec_base {
-        BaseImage::Scratch => return Ok(Base { layers: Vec::new(), config: image::scratch_config(platform), store: None, provenance: String::new() }),
+        BaseImage::Scratch => {
+            return Ok(Base {
+                layers: Vec::new(),
+                config: image::scratch_config(platform),
+                store: None,
+                provenance: String::new(),
+            })
+        }
         BaseImage::Image(r) => r,
     };
     let store = Store::open(r, opts, false)?;
     let img = store.load_image(r.reference(), (&platform.0, &platform.1)).await?;
-    let config: Value = serde_json::from_slice(&img.config_bytes).map_err(|e| BuildError::Base { image: r.to_string(), what: format!("config: {e}") })?;
+    let config: Value = serde_json::from_slice(&img.config_bytes)
+        .map_err(|e| BuildError::Base { image: r.to_string(), what: format!("config: {e}") })?;
     let mut layers = Vec::new();
     for (i, l) in img.manifest.layers().iter().enumerate() {
         let mt = l.media_type().to_string();
         let Some(oci_mt) = image::oci_layer_media_type(&mt) else {
             return Err(BuildError::Base { image: r.to_string(), what: format!("layer {i} has media type {mt:?}, which cannot be redistributed; use a base image with ordinary tar layers") });
         };
-        let digest = Digest::from_oci(l.digest()).map_err(|e| BuildError::Base { image: r.to_string(), what: e.to_string() })?;
-        let diff_id: Digest = img.config.rootfs().diff_ids()[i].parse().map_err(|e: oci_core::DigestError| BuildError::Base { image: r.to_string(), what: e.to_string() })?;
-        layers.push(LayerDesc { media_type: oci_mt.to_string(), digest, size: l.size(), diff_id, annotations: BTreeMap::new() });
+        let digest =
+            Digest::from_oci(l.digest()).map_err(|e| BuildError::Base { image: r.to_string(), what: e.to_string() })?;
+        let diff_id: Digest = img.config.rootfs().diff_ids()[i]
+            .parse()
+            .map_err(|e: oci_core::DigestError| BuildError::Base { image: r.to_string(), what: e.to_string() })?;
+        layers.push(LayerDesc {
+            media_type: oci_mt.to_string(),
+            digest,
+            size: l.size(),
+            diff_id,
+            annotations: BTreeMap::new(),
+        });
     }
     let provenance = format!("{}@{}", r.with_reference(None), img.manifest_digest);
     Ok(Base { layers, config, store: Some(store), provenance })
 }
 
-fn build_layers(spec: &Spec, plans: &[LayerPlan], opts: &BuildOptions, progress: &indicatif::ProgressBar) -> Result<Vec<LayerOutcome>, BuildError> {
+fn build_layers(
+    spec: &Spec,
+    plans: &[LayerPlan],
+    opts: &BuildOptions,
+    progress: &indicatif::ProgressBar,
+) -> Result<Vec<LayerOutcome>, BuildError> {
     let cache = Cache::open(&opts.cache_dir)?;
     let engine = Engine::new(opts.jobs, spec.compression.clone()).map_err(|e| BuildError::Task(e.to_string()))?;
-    let builder = LayerBuilder { cache: &cache, engine, ownership: &spec.ownership, params: params_digest(&spec.compression, &spec.ownership) };
+    let builder = LayerBuilder {
+        cache: &cache,
+        engine,
+        ownership: &spec.ownership,
+        params: params_digest(&spec.compression, &spec.ownership),
+    };
     // Largest layers first so the pool stays busy; results kept in plan order.
     let mut order: Vec<usize> = (0..plans.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(plans[i].file_bytes()));
     let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<Result<LayerOutcome, LayerError>>>> = Mutex::new((0..plans.len()).map(|_| None).collect());
+    let results: Mutex<Vec<Option<Result<LayerOutcome, LayerError>>>> =
+        Mutex::new((0..plans.len()).map(|_| None).collect());
     let failed = std::sync::atomic::AtomicBool::new(false);
     let producers = opts.jobs.clamp(1, 8).min(plans.len().max(1));
     std::thread::scope(|s| {
@@ -133,7 +165,13 @@ fn layer_desc(plan: &LayerPlan, o: &LayerOutcome) -> LayerDesc {
     }
     annotations.insert(media::ANNOTATION_TOC_DIGEST.to_string(), o.record.toc_digest.to_string());
     annotations.insert(media::ANNOTATION_TOC_SIZE.to_string(), o.record.toc_size.to_string());
-    LayerDesc { media_type: o.record.media_type.clone(), digest: o.record.digest.clone(), size: o.record.size, diff_id: o.record.diff_id.clone(), annotations }
+    LayerDesc {
+        media_type: o.record.media_type.clone(),
+        digest: o.record.digest.clone(),
+        size: o.record.size,
+        diff_id: o.record.diff_id.clone(),
+        annotations,
+    }
 }
 
 fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar {
@@ -141,7 +179,9 @@ fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar {
         return indicatif::ProgressBar::hidden();
     }
     let pb = indicatif::ProgressBar::new(total);
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg:12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}") {
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{spinner} {msg:12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
         pb.set_style(style.progress_chars("=> "));
     }
     pb
@@ -159,13 +199,17 @@ pub async fn build(spec: &Spec, opts: &BuildOptions) -> Result<Report, BuildErro
         let ex = Excludes::new(&spec2.exclude);
         let shared: Result<Vec<LayerPlan>, WalkError> =
             spec2.shared.par_iter().map(|t| Ok(plan_shared(t, walk(&t.source, &ex, spec2.symlinks)?))).collect();
-        let versions: Result<Vec<Vec<LayerPlan>>, WalkError> =
-            spec2.versions.par_iter().map(|t| Ok(plan_version(t, walk(&t.source, &ex, spec2.symlinks)?, &spec2.splits))).collect();
+        let versions: Result<Vec<Vec<LayerPlan>>, WalkError> = spec2
+            .versions
+            .par_iter()
+            .map(|t| Ok(plan_version(t, walk(&t.source, &ex, spec2.symlinks)?, &spec2.splits)))
+            .collect();
         Ok((shared?, versions?))
     })
     .await
     .map_err(|e| BuildError::Task(e.to_string()))??;
-    let per_version: Vec<(String, usize)> = spec.versions.iter().zip(&version_plans).map(|(v, p)| (v.name.clone(), p.len())).collect();
+    let per_version: Vec<(String, usize)> =
+        spec.versions.iter().zip(&version_plans).map(|(v, p)| (v.name.clone(), p.len())).collect();
     check_layer_count(spec, base.layers.len(), shared_plans.len(), &per_version).map_err(BuildError::Plan)?;
     let walk_secs = t_walk.elapsed().as_secs_f64();
 
@@ -228,7 +272,10 @@ pub async fn build(spec: &Spec, opts: &BuildOptions) -> Result<Report, BuildErro
     let mut manifests = Vec::new();
     for (flavour, layers, tags) in &images {
         let mut extra = BTreeMap::new();
-        extra.insert(image::LABEL_VERSIONS.to_string(), if flavour == "multiversion" { versions_label.clone() } else { flavour.clone() });
+        extra.insert(
+            image::LABEL_VERSIONS.to_string(),
+            if flavour == "multiversion" { versions_label.clone() } else { flavour.clone() },
+        );
         if !base.provenance.is_empty() {
             extra.insert(image::LABEL_BASE.to_string(), base.provenance.clone());
         }

@@ -108,7 +108,11 @@ impl Cache {
     pub fn open(root: &Path) -> Result<Cache, CacheError> {
         for sub in ["layers", "slots"] {
             let p = root.join(sub);
-            fs::create_dir_all(&p).map_err(|source| CacheError::Io { path: p, what: "cannot create directory", source })?;
+            fs::create_dir_all(&p).map_err(|source| CacheError::Io {
+                path: p,
+                what: "cannot create directory",
+                source,
+            })?;
         }
         Ok(Cache { root: root.to_path_buf(), blobs: Layout::create(root)? })
     }
@@ -123,16 +127,21 @@ impl Cache {
 
     pub fn tmp_blob(&self) -> Result<tempfile::NamedTempFile, CacheError> {
         let dir = self.root.join("blobs/sha256");
-        tempfile::Builder::new()
-            .prefix(".tmp-")
-            .tempfile_in(&dir)
-            .map_err(|source| CacheError::Io { path: dir, what: "cannot create temporary blob", source })
+        tempfile::Builder::new().prefix(".tmp-").tempfile_in(&dir).map_err(|source| CacheError::Io {
+            path: dir,
+            what: "cannot create temporary blob",
+            source,
+        })
     }
 
     /// Move a fully written and hashed temporary blob into place.
     pub fn persist_blob(&self, tmp: tempfile::NamedTempFile, d: &Digest) -> Result<BlobStat, CacheError> {
         let dst = self.blob_path(d);
-        tmp.persist(&dst).map_err(|e| CacheError::Io { path: dst.clone(), what: "cannot move blob into place", source: e.error })?;
+        tmp.persist(&dst).map_err(|e| CacheError::Io {
+            path: dst.clone(),
+            what: "cannot move blob into place",
+            source: e.error,
+        })?;
         BlobStat::of(&dst).map_err(|source| CacheError::Io { path: dst, what: "cannot stat blob", source })
     }
 
@@ -160,13 +169,25 @@ impl Cache {
             let path = path.to_path_buf();
             move |source| CacheError::Io { path, what, source }
         };
-        let bytes = serde_json::to_vec(body).map_err(|e| CacheError::Io { path: path.to_path_buf(), what: "cannot encode record", source: e.into() })?;
+        let bytes = serde_json::to_vec(body).map_err(|e| CacheError::Io {
+            path: path.to_path_buf(),
+            what: "cannot encode record",
+            source: e.into(),
+        })?;
         let sealed = Sealed { sum: Digest::of(&bytes), body };
-        let out = serde_json::to_vec(&sealed).map_err(|e| CacheError::Io { path: path.to_path_buf(), what: "cannot encode record", source: e.into() })?;
+        let out = serde_json::to_vec(&sealed).map_err(|e| CacheError::Io {
+            path: path.to_path_buf(),
+            what: "cannot encode record",
+            source: e.into(),
+        })?;
         let dir = path.parent().unwrap_or(Path::new("."));
         let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir).map_err(io("cannot create record"))?;
         io::Write::write_all(&mut tmp, &out).map_err(io("cannot write record"))?;
-        tmp.persist(path).map_err(|e| CacheError::Io { path: path.to_path_buf(), what: "cannot replace record", source: e.error })?;
+        tmp.persist(path).map_err(|e| CacheError::Io {
+            path: path.to_path_buf(),
+            what: "cannot replace record",
+            source: e.error,
+        })?;
         Ok(())
     }
 

@@ -107,30 +107,28 @@ impl BlockSink {
     pub fn new(engine: Arc<Engine>, mut out: File) -> Self {
         let (tx, rx) = sync_channel::<Item>(engine.budget_hint());
         let budget = engine.budget.clone();
-        let writer = std::thread::Builder::new()
-            .name("layer-writer".into())
-            .spawn(move || {
-                let mut raw = Hasher::new();
-                let mut packed = Hasher::new();
-                let mut result = Ok(());
-                for (block, done) in rx {
-                    raw.update(&block);
-                    let r = done.recv().unwrap_or_else(|_| Err(io::Error::other("compression task vanished")));
-                    budget.release();
-                    if result.is_err() {
-                        continue;
-                    }
-                    result = r.and_then(|c| {
-                        packed.update(&c);
-                        out.write_all(&c)
-                    });
+        let writer = std::thread::Builder::new().name("layer-writer".into()).spawn(move || {
+            let mut raw = Hasher::new();
+            let mut packed = Hasher::new();
+            let mut result = Ok(());
+            for (block, done) in rx {
+                raw.update(&block);
+                let r = done.recv().unwrap_or_else(|_| Err(io::Error::other("compression task vanished")));
+                budget.release();
+                if result.is_err() {
+                    continue;
                 }
-                result?;
-                out.sync_data()?;
-                let (diff_id, uncompressed_size) = raw.finish();
-                let (digest, size) = packed.finish();
-                Ok(Sealed { diff_id, uncompressed_size, digest, size })
-            });
+                result = r.and_then(|c| {
+                    packed.update(&c);
+                    out.write_all(&c)
+                });
+            }
+            result?;
+            out.sync_data()?;
+            let (diff_id, uncompressed_size) = raw.finish();
+            let (digest, size) = packed.finish();
+            Ok(Sealed { diff_id, uncompressed_size, digest, size })
+        });
         let (tx, writer) = match writer {
             Ok(h) => (Some(tx), Some(h)),
             Err(_) => (None, None),

@@ -60,7 +60,14 @@ pub fn scratch_config(platform: &(String, String)) -> Value {
 
 /// Derive an image config from the base config: the base's settings, its layers' DiffIDs
 /// followed by ours, our labels, a fixed `created`.
-pub fn derive_config(base: &Value, spec_labels: &BTreeMap<String, String>, extra_labels: &BTreeMap<String, String>, base_layers: usize, layers: &[LayerDesc], created: &str) -> Value {
+pub fn derive_config(
+    base: &Value,
+    spec_labels: &BTreeMap<String, String>,
+    extra_labels: &BTreeMap<String, String>,
+    base_layers: usize,
+    layers: &[LayerDesc],
+    created: &str,
+) -> Value {
     let mut cfg = base.clone();
     let Some(obj) = cfg.as_object_mut() else { return cfg };
     let diff_ids: Vec<Value> = layers.iter().map(|l| Value::String(l.diff_id.to_string())).collect();
@@ -89,7 +96,12 @@ pub fn derive_config(base: &Value, spec_labels: &BTreeMap<String, String>, extra
     cfg
 }
 
-pub fn manifest(config_digest: &Digest, config_size: u64, layers: &[LayerDesc], annotations: &BTreeMap<String, String>) -> Value {
+pub fn manifest(
+    config_digest: &Digest,
+    config_size: u64,
+    layers: &[LayerDesc],
+    annotations: &BTreeMap<String, String>,
+) -> Value {
     let mut m = json!({
         "schemaVersion": 2,
         "mediaType": media::OCI_MANIFEST,

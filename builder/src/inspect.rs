@@ -69,7 +69,8 @@ pub async fn inspect(r: &ImageRef, opts: &ClientOptions) -> Result<String, Inspe
     );
     s.push_str(&format!("{:>3}  {:<19} {:>10}  {:<34} {}\n", "#", "DIGEST", "SIZE", "COMPONENT", "SHARED WITH"));
     for (i, l) in img.manifest.layers().iter().enumerate() {
-        let d = Digest::from_oci(l.digest()).map_err(|e| StoreError::Image { image: r.to_string(), what: e.to_string() })?;
+        let d = Digest::from_oci(l.digest())
+            .map_err(|e| StoreError::Image { image: r.to_string(), what: e.to_string() })?;
         let ann = l.annotations().clone().unwrap_or_default();
         let comp = if i < base_n {
             "base".to_string()
@@ -111,7 +112,8 @@ pub struct Changes {
 
 impl Diff {
     pub fn is_empty(&self) -> bool {
-        !self.base_changed && self.sections.values().all(|c| c.added.is_empty() && c.removed.is_empty() && c.changed.is_empty())
+        !self.base_changed
+            && self.sections.values().all(|c| c.added.is_empty() && c.removed.is_empty() && c.changed.is_empty())
     }
 
     pub fn render(&self) -> String {
@@ -123,7 +125,12 @@ impl Diff {
             if c.added.is_empty() && c.removed.is_empty() && c.changed.is_empty() {
                 continue;
             }
-            s.push_str(&format!("{name}: {} added, {} removed, {} changed\n", c.added.len(), c.removed.len(), c.changed.len()));
+            s.push_str(&format!(
+                "{name}: {} added, {} removed, {} changed\n",
+                c.added.len(),
+                c.removed.len(),
+                c.changed.len()
+            ));
             for p in &c.added {
                 s.push_str(&format!("  A {p}\n"));
             }
@@ -146,7 +153,8 @@ async fn file_view(store: &Store, r: &ImageRef) -> Result<(Image, BTreeMap<Strin
     let base_n = base_layer_count(&img);
     let mut view = BTreeMap::new();
     for (i, l) in img.manifest.layers().iter().enumerate().skip(base_n) {
-        let d = Digest::from_oci(l.digest()).map_err(|e| StoreError::Image { image: r.to_string(), what: e.to_string() })?;
+        let d = Digest::from_oci(l.digest())
+            .map_err(|e| StoreError::Image { image: r.to_string(), what: e.to_string() })?;
         let ann = l.annotations().clone().unwrap_or_default();
         let (Some(td), Some(ts)) = (ann.get(media::ANNOTATION_TOC_DIGEST), ann.get(media::ANNOTATION_TOC_SIZE)) else {
             return Err(InspectError::NoToc { image: r.to_string(), digest: d, key: media::ANNOTATION_TOC_DIGEST });
@@ -166,10 +174,10 @@ async fn file_view(store: &Store, r: &ImageRef) -> Result<(Image, BTreeMap<Strin
 /// Section of a path: the first component under the mount point (`php-<v>`, `wmf-config`).
 fn section(path: &str) -> String {
     let comps: Vec<&str> = path.split('/').collect();
-    comps.iter().find(|c| c.starts_with("php-")).map_or_else(
-        || if comps.len() >= 3 { comps[2].to_string() } else { path.to_string() },
-        |c| c.to_string(),
-    )
+    comps
+        .iter()
+        .find(|c| c.starts_with("php-"))
+        .map_or_else(|| if comps.len() >= 3 { comps[2].to_string() } else { path.to_string() }, |c| c.to_string())
 }
 
 pub async fn diff(a: &ImageRef, b: &ImageRef, opts: &ClientOptions) -> Result<Diff, InspectError> {

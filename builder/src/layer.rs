@@ -139,7 +139,9 @@ fn items<'a>(plan: &'a LayerPlan, own: &Ownership) -> Vec<Item<'a>> {
         }
         match &e.kind {
             Kind::Dir => ensure_dir(&path, &mut out),
-            Kind::File { exec, .. } => out.push(Item::File { path, mode: if *exec { own.exec_mode } else { own.file_mode }, entry: e }),
+            Kind::File { exec, .. } => {
+                out.push(Item::File { path, mode: if *exec { own.exec_mode } else { own.file_mode }, entry: e })
+            }
             Kind::Symlink { target } => out.push(Item::Symlink { path, target }),
         }
     }
@@ -150,7 +152,14 @@ fn toc_of(items: &[Item], own: &Ownership, hashes: &HashMap<&str, Digest>) -> To
     let entries = items
         .iter()
         .map(|i| match i {
-            Item::Dir(p) => TocEntry { path: p.clone(), kind: TocKind::Dir, mode: own.dir_mode, size: None, sha256: None, target: None },
+            Item::Dir(p) => TocEntry {
+                path: p.clone(),
+                kind: TocKind::Dir,
+                mode: own.dir_mode,
+                size: None,
+                sha256: None,
+                target: None,
+            },
             Item::File { path, mode, entry } => TocEntry {
                 path: path.clone(),
                 kind: TocKind::File,
@@ -188,7 +197,8 @@ fn open_checked(slot: &str, path: &Path, e: &Entry) -> Result<File, LayerError> 
         .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY)
         .open(path)
         .map_err(|source| LayerError::Read { slot: slot.to_string(), path: path.to_path_buf(), source })?;
-    let m = f.metadata().map_err(|source| LayerError::Read { slot: slot.to_string(), path: path.to_path_buf(), source })?;
+    let m =
+        f.metadata().map_err(|source| LayerError::Read { slot: slot.to_string(), path: path.to_path_buf(), source })?;
     if !m.is_file() || m.ino() != e.stat.ino || m.size() != e.stat.size {
         return Err(LayerError::Changed { slot: slot.to_string(), path: path.to_path_buf() });
     }
@@ -262,7 +272,14 @@ impl LayerBuilder<'_> {
             let key = content_key(&self.params, &toc.to_bytes());
             if let Some(record) = self.cache.lookup_layer(&key) {
                 self.save_slot(plan, &hashes, &record.key, started_ns).map_err(cache_err)?;
-                return Ok(LayerOutcome { slot: slot.to_string(), record, rebuilt: false, bytes_read, bytes_compressed: 0, duration: started.elapsed() });
+                return Ok(LayerOutcome {
+                    slot: slot.to_string(),
+                    record,
+                    rebuilt: false,
+                    bytes_read,
+                    bytes_compressed: 0,
+                    duration: started.elapsed(),
+                });
             }
         }
         // Write the layer.
@@ -280,9 +297,7 @@ impl LayerBuilder<'_> {
                 Item::File { path, mode, entry } => {
                     let src = plan.source.join(&entry.rel);
                     let f = open_checked(slot, &src, entry)?;
-                    let d = w
-                        .file(path, *mode, entry.stat.size, f, &src.to_string_lossy())
-                        .map_err(tar_err)?;
+                    let d = w.file(path, *mode, entry.stat.size, f, &src.to_string_lossy()).map_err(tar_err)?;
                     bytes_read += entry.stat.size;
                     if hashes.get(entry.rel.as_str()).is_some_and(|h| h != &d) {
                         return Err(LayerError::Changed { slot: slot.to_string(), path: src });
@@ -321,12 +336,20 @@ impl LayerBuilder<'_> {
         })
     }
 
-    fn save_slot(&self, plan: &LayerPlan, hashes: &HashMap<&str, Digest>, key: &Digest, started_ns: i64) -> Result<(), CacheError> {
+    fn save_slot(
+        &self,
+        plan: &LayerPlan,
+        hashes: &HashMap<&str, Digest>,
+        key: &Digest,
+        started_ns: i64,
+    ) -> Result<(), CacheError> {
         let files = plan
             .entries
             .iter()
             .filter(|e| e.stat.mtime_ns < started_ns - RACY_NS && e.stat.ctime_ns < started_ns - RACY_NS)
-            .filter_map(|e| Some(SlotFile { rel: e.rel.clone(), stat: e.stat, sha256: hashes.get(e.rel.as_str())?.clone() }))
+            .filter_map(|e| {
+                Some(SlotFile { rel: e.rel.clone(), stat: e.stat, sha256: hashes.get(e.rel.as_str())?.clone() })
+            })
             .collect();
         self.cache.save_slot(&SlotRecord {
             slot: plan.slot.clone(),

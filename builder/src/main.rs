@@ -147,7 +147,10 @@ async fn run(cli: Cli) -> Result<()> {
 fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
         .init();
     let cli = Cli::parse();
     // One multi-threaded runtime for registry I/O; CPU work runs on rayon pools and
@@ -160,7 +163,9 @@ fn main() {
         }
     };
     if let Err(e) = rt.block_on(run(cli)) {
-        if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) {
+        if e.chain()
+            .any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+        {
             std::process::exit(0);
         }
         eprintln!("mwbuild: error: {e:#}");
@@ -174,7 +179,8 @@ mod tests {
 
     #[test]
     fn parses_build_arguments() {
-        let cli = Cli::try_parse_from(["mwbuild", "build", "s.toml", "--output", "oci:x", "--jobs", "3", "--quiet"]).expect("parse");
+        let cli = Cli::try_parse_from(["mwbuild", "build", "s.toml", "--output", "oci:x", "--jobs", "3", "--quiet"])
+            .expect("parse");
         match cli.cmd {
             Cmd::Build(a) => {
                 assert_eq!(a.jobs, Some(3));

@@ -73,11 +73,7 @@ pub fn plan_version(tree: &Tree, entries: Vec<Entry>, splits: &[Split]) -> Vec<L
     }
     let mut buckets: Vec<Vec<Entry>> = vec![Vec::new(); names.len()];
     for e in entries {
-        let best = splits
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| under(&e.rel, &s.path))
-            .max_by_key(|(_, s)| s.path.len());
+        let best = splits.iter().enumerate().filter(|(_, s)| under(&e.rel, &s.path)).max_by_key(|(_, s)| s.path.len());
         let idx = match best {
             None => 0,
             Some((i, s)) => first_slot[i] + bin_of(&e.rel, s.bins) as usize,
@@ -100,7 +96,12 @@ pub fn plan_version(tree: &Tree, entries: Vec<Entry>, splits: &[Split]) -> Vec<L
 }
 
 /// Check the layer budget before doing any work.
-pub fn check_layer_count(spec: &Spec, base_layers: usize, shared: usize, per_version: &[(String, usize)]) -> Result<(), String> {
+pub fn check_layer_count(
+    spec: &Spec,
+    base_layers: usize,
+    shared: usize,
+    per_version: &[(String, usize)],
+) -> Result<(), String> {
     let total: usize = base_layers + shared + per_version.iter().map(|(_, n)| n).sum::<usize>();
     if total > spec.max_layers {
         let detail: Vec<String> = per_version.iter().map(|(v, n)| format!("{v}: {n}")).collect();
@@ -119,16 +120,29 @@ mod tests {
     use crate::walk::{Kind, Stat};
 
     fn e(rel: &str) -> Entry {
-        Entry { rel: rel.into(), kind: Kind::File { size: 1, exec: false }, stat: Stat { dev: 0, ino: 0, size: 1, mtime_ns: 0, ctime_ns: 0, mode: 0 } }
+        Entry {
+            rel: rel.into(),
+            kind: Kind::File { size: 1, exec: false },
+            stat: Stat { dev: 0, ino: 0, size: 1, mtime_ns: 0, ctime_ns: 0, mode: 0 },
+        }
     }
 
     #[test]
     fn deepest_split_wins_and_bins_are_stable() {
         let tree = Tree { name: "v".into(), source: "/s".into(), dest: "srv/mediawiki/php-v".into() };
         let splits = vec![Split { path: "cache".into(), bins: 1 }, Split { path: "cache/l10n".into(), bins: 2 }];
-        let entries = vec![e("cache"), e("cache/x"), e("cache/l10n"), e("cache/l10n/a.cdb"), e("cache/l10n/b.cdb"), e("cachex"), e("index.php")];
+        let entries = vec![
+            e("cache"),
+            e("cache/x"),
+            e("cache/l10n"),
+            e("cache/l10n/a.cdb"),
+            e("cache/l10n/b.cdb"),
+            e("cachex"),
+            e("index.php"),
+        ];
         let plans = plan_version(&tree, entries.clone(), &splits);
-        let find = |rel: &str| plans.iter().find(|p| p.entries.iter().any(|x| x.rel == rel)).map(|p| p.component.clone());
+        let find =
+            |rel: &str| plans.iter().find(|p| p.entries.iter().any(|x| x.rel == rel)).map(|p| p.component.clone());
         assert_eq!(find("index.php").as_deref(), Some("core"));
         assert_eq!(find("cachex").as_deref(), Some("core"));
         assert_eq!(find("cache/x").as_deref(), Some("cache"));

@@ -4,11 +4,11 @@
 
 use crate::cache::Cache;
 use crate::image;
+use futures_util::stream::{self, StreamExt, TryStreamExt};
 use oci_core::digest::Digest;
 use oci_core::media;
 use oci_core::registry::BlobPush;
 use oci_core::store::{Store, StoreError};
-use futures_util::stream::{self, StreamExt, TryStreamExt};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
@@ -45,7 +45,11 @@ pub struct PushStats {
 
 impl PushStats {
     pub fn sum<'a>(it: impl Iterator<Item = &'a PushStats>) -> PushStats {
-        it.fold(PushStats::default(), |a, b| PushStats { pushed: a.pushed + b.pushed, skipped: a.skipped + b.skipped, mounted: a.mounted + b.mounted })
+        it.fold(PushStats::default(), |a, b| PushStats {
+            pushed: a.pushed + b.pushed,
+            skipped: a.skipped + b.skipped,
+            mounted: a.mounted + b.mounted,
+        })
     }
 }
 
@@ -81,7 +85,10 @@ impl<'a> Publisher<'a> {
                     }
                     Ok((path, None))
                 }
-                None => Err(StoreError::Image { image: self.out.name().to_string(), what: format!("blob {digest} has no source image") }),
+                None => Err(StoreError::Image {
+                    image: self.out.name().to_string(),
+                    what: format!("blob {digest} has no source image"),
+                }),
             },
         }
     }
@@ -92,7 +99,9 @@ impl<'a> Publisher<'a> {
         let unique: Vec<BlobSource> = blobs.into_iter().filter(|b| seen.insert(b.digest().clone())).collect();
         let total: u64 = unique.iter().map(BlobSource::size).sum();
         let pb = if self.progress { indicatif::ProgressBar::new(total) } else { indicatif::ProgressBar::hidden() };
-        if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} publish      [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}") {
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{spinner} publish      [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}",
+        ) {
             pb.set_style(style.progress_chars("=> "));
         }
         let results: Vec<(Digest, PushStats)> = stream::iter(unique.into_iter().map(|b| {
@@ -103,7 +112,9 @@ impl<'a> Publisher<'a> {
                 let r = self.out.put_blob_file(&path, &digest, size, mount_from.as_deref()).await;
                 let r = match (r, &b, mount_from.is_some()) {
                     // Mount refused and the blob is not local yet: fetch it and push.
-                    (Err(_), BlobSource::Image { source, .. }, true) if self.cache.blobs().blob_size(&digest) != Some(size) => {
+                    (Err(_), BlobSource::Image { source, .. }, true)
+                        if self.cache.blobs().blob_size(&digest) != Some(size) =>
+                    {
                         if let Some(src) = self.sources.get(*source) {
                             src.fetch_blob_to(&digest, Some(size), &path).await?;
                         }
@@ -129,7 +140,10 @@ impl<'a> Publisher<'a> {
 
     /// Store manifests (by digest), their tables-of-contents artifacts, then all tags.
     /// Returns `(flavour, manifest digest, tags)`.
-    pub async fn publish_manifests(&self, images: &[PendingImage]) -> Result<Vec<(String, Digest, Vec<String>)>, StoreError> {
+    pub async fn publish_manifests(
+        &self,
+        images: &[PendingImage],
+    ) -> Result<Vec<(String, Digest, Vec<String>)>, StoreError> {
         let mut digests = Vec::new();
         for (_, bytes, _, _) in images {
             digests.push(self.out.put_manifest(bytes, media::OCI_MANIFEST, None).await?);
@@ -138,7 +152,11 @@ impl<'a> Publisher<'a> {
         for ((_, bytes, layers, _), d) in images.iter().zip(&digests) {
             let mut tocs: BTreeMap<Digest, u64> = BTreeMap::new();
             for l in layers {
-                let (Some(td), Some(ts)) = (l.annotations.get(media::ANNOTATION_TOC_DIGEST), l.annotations.get(media::ANNOTATION_TOC_SIZE)) else { continue };
+                let (Some(td), Some(ts)) =
+                    (l.annotations.get(media::ANNOTATION_TOC_DIGEST), l.annotations.get(media::ANNOTATION_TOC_SIZE))
+                else {
+                    continue;
+                };
                 if let (Ok(td), Ok(ts)) = (td.parse::<Digest>(), ts.parse::<u64>()) {
                     tocs.insert(td, ts);
                 }

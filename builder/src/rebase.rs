@@ -13,7 +13,12 @@ use oci_core::registry::ClientOptions;
 use oci_core::store::{Store, StoreError};
 use std::collections::BTreeMap;
 
-pub async fn rebase(src: &ImageRef, onto: &ImageRef, out: &ImageRef, opts: &ClientOptions) -> Result<Digest, BuildError> {
+pub async fn rebase(
+    src: &ImageRef,
+    onto: &ImageRef,
+    out: &ImageRef,
+    opts: &ClientOptions,
+) -> Result<Digest, BuildError> {
     let Some(Reference::Tag(tag)) = out.reference().cloned().or_else(|| src.reference().cloned()) else {
         return Err(BuildError::Plan(format!("name the tag to write: {out} has none")));
     };
@@ -21,20 +26,22 @@ pub async fn rebase(src: &ImageRef, onto: &ImageRef, out: &ImageRef, opts: &Clie
     let img = src_store.load_image(src.reference(), ("linux", "amd64")).await?;
     let bad = |what: String| BuildError::Base { image: src.to_string(), what };
     let labels = img.config.config().as_ref().and_then(|c| c.labels().clone()).unwrap_or_default();
-    let old_base: usize = labels
-        .get(LABEL_BASE_LAYERS)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| bad(format!("config has no {LABEL_BASE_LAYERS} label; only images built by mwbuild can be rebased")))?;
+    let old_base: usize = labels.get(LABEL_BASE_LAYERS).and_then(|s| s.parse().ok()).ok_or_else(|| {
+        bad(format!("config has no {LABEL_BASE_LAYERS} label; only images built by mwbuild can be rebased"))
+    })?;
     let platform = (img.config.os().to_string(), img.config.architecture().to_string());
     let base = load_base(&BaseImage::Image(onto.clone()), &platform, opts).await?;
     let diff_ids = img.config.rootfs().diff_ids();
     let mut layers: Vec<LayerDesc> = base.layers.clone();
-    let mut blobs: Vec<BlobSource> = base.layers.iter().map(|l| BlobSource::Image { digest: l.digest.clone(), size: l.size, source: 1 }).collect();
+    let mut blobs: Vec<BlobSource> =
+        base.layers.iter().map(|l| BlobSource::Image { digest: l.digest.clone(), size: l.size, source: 1 }).collect();
     for (i, l) in img.manifest.layers().iter().enumerate().skip(old_base) {
         let digest = Digest::from_oci(l.digest()).map_err(|e| bad(e.to_string()))?;
         let diff_id: Digest = diff_ids[i].parse().map_err(|e: oci_core::DigestError| bad(e.to_string()))?;
         let annotations: BTreeMap<String, String> = l.annotations().clone().unwrap_or_default().into_iter().collect();
-        if let (Some(td), Some(ts)) = (annotations.get(media::ANNOTATION_TOC_DIGEST), annotations.get(media::ANNOTATION_TOC_SIZE)) {
+        if let (Some(td), Some(ts)) =
+            (annotations.get(media::ANNOTATION_TOC_DIGEST), annotations.get(media::ANNOTATION_TOC_SIZE))
+        {
             if let (Ok(td), Ok(ts)) = (td.parse::<Digest>(), ts.parse::<u64>()) {
                 blobs.push(BlobSource::Image { digest: td, size: ts, source: 0 });
             }
@@ -50,15 +57,20 @@ pub async fn rebase(src: &ImageRef, onto: &ImageRef, out: &ImageRef, opts: &Clie
     }
     let publisher = Publisher::new(&out_store, &cache, sources, false);
     publisher.push_blobs(blobs).await?;
-    let mut extra: BTreeMap<String, String> = labels.into_iter().filter(|(k, _)| k != LABEL_BASE && k != LABEL_BASE_LAYERS).collect();
+    let mut extra: BTreeMap<String, String> =
+        labels.into_iter().filter(|(k, _)| k != LABEL_BASE && k != LABEL_BASE_LAYERS).collect();
     if !base.provenance.is_empty() {
         extra.insert(LABEL_BASE.to_string(), base.provenance.clone());
     }
     let created = img.config.created().clone().unwrap_or_else(|| "1970-01-01T00:00:00Z".to_string());
     let cfg = image::derive_config(&base.config, &BTreeMap::new(), &extra, base.layers.len(), &layers, &created);
     let (cd, cs, _) = out_store.put_blob_bytes(&image::to_bytes(&cfg)).await.map_err(BuildError::from)?;
-    let annotations: BTreeMap<String, String> = img.manifest.annotations().clone().unwrap_or_default().into_iter().collect();
+    let annotations: BTreeMap<String, String> =
+        img.manifest.annotations().clone().unwrap_or_default().into_iter().collect();
     let m = image::to_bytes(&image::manifest(&cd, cs, &layers, &annotations));
-    let published = publisher.publish_manifests(&[(tag.clone(), m, layers, vec![tag])]).await.map_err(|e: StoreError| BuildError::from(e))?;
+    let published = publisher
+        .publish_manifests(&[(tag.clone(), m, layers, vec![tag])])
+        .await
+        .map_err(|e: StoreError| BuildError::from(e))?;
     Ok(published.into_iter().next().map(|(_, d, _)| d).unwrap_or_else(|| Digest::of(b"")))
 }

@@ -80,7 +80,10 @@ impl Report {
     /// The table printed at the end of a build.
     pub fn summary(&self) -> String {
         let mut s = String::new();
-        s.push_str(&format!("{:<44} {:>7} {:>10} {:>10} {:>10} {:>8}  {}\n", "LAYER", "FILES", "SIZE", "READ", "PUSHED", "SECS", "STATE"));
+        s.push_str(&format!(
+            "{:<44} {:>7} {:>10} {:>10} {:>10} {:>8}  {}\n",
+            "LAYER", "FILES", "SIZE", "READ", "PUSHED", "SECS", "STATE"
+        ));
         for l in &self.layers {
             s.push_str(&format!(
                 "{:<44} {:>7} {:>10} {:>10} {:>10} {:>8.2}  {}\n",

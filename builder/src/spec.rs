@@ -237,7 +237,12 @@ impl Ctx<'_> {
         self.text[..span.start.min(self.text.len())].bytes().filter(|b| *b == b'\n').count() + 1
     }
     fn err<T>(&self, span: std::ops::Range<usize>, key: &str, why: impl Into<String>) -> Result<T, SpecError> {
-        Err(SpecError::Invalid { path: self.path.to_path_buf(), line: self.line(span), key: key.to_string(), why: why.into() })
+        Err(SpecError::Invalid {
+            path: self.path.to_path_buf(),
+            line: self.line(span),
+            key: key.to_string(),
+            why: why.into(),
+        })
     }
     fn resolve(&self, p: &str) -> PathBuf {
         let base = self.path.parent().unwrap_or(Path::new("."));
@@ -263,11 +268,24 @@ fn parse_mode(ctx: &Ctx, v: &Option<Spanned<String>>, key: &str, default: u32) -
     let s = v.get_ref().trim_start_matches("0o");
     match u32::from_str_radix(s, 8) {
         Ok(m) if m <= 0o777 => Ok(m),
-        _ => ctx.err(v.span(), key, format!("{:?} is not an octal permission such as \"0644\" (0..=0777; setuid/setgid/sticky are not allowed)", v.get_ref())),
+        _ => ctx.err(
+            v.span(),
+            key,
+            format!(
+                "{:?} is not an octal permission such as \"0644\" (0..=0777; setuid/setgid/sticky are not allowed)",
+                v.get_ref()
+            ),
+        ),
     }
 }
 
-fn int_in(ctx: &Ctx, v: &Option<Spanned<i64>>, key: &str, range: std::ops::RangeInclusive<i64>, default: i64) -> Result<i64, SpecError> {
+fn int_in(
+    ctx: &Ctx,
+    v: &Option<Spanned<i64>>,
+    key: &str,
+    range: std::ops::RangeInclusive<i64>,
+    default: i64,
+) -> Result<i64, SpecError> {
     let Some(v) = v else { return Ok(default) };
     if !range.contains(v.get_ref()) {
         return ctx.err(v.span(), key, format!("{} is out of range {}..={}", v.get_ref(), range.start(), range.end()));
@@ -277,13 +295,16 @@ fn int_in(ctx: &Ctx, v: &Option<Spanned<i64>>, key: &str, range: std::ops::Range
 
 impl Spec {
     pub fn load(path: &Path) -> Result<Spec, SpecError> {
-        let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read { path: path.to_path_buf(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| SpecError::Read { path: path.to_path_buf(), source })?;
         Self::parse(path, &text)
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
-        let raw: RawSpec = toml::from_str(text)
-            .map_err(|e| SpecError::Parse { path: path.to_path_buf(), message: e.to_string().trim_end().to_string() })?;
+        let raw: RawSpec = toml::from_str(text).map_err(|e| SpecError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
         let ctx = Ctx { path, text };
 
         let mount = match &raw.mount {
@@ -294,7 +315,13 @@ impl Spec {
                 }
                 match clean_relative(m.get_ref().trim_start_matches('/')) {
                     Some(c) => c,
-                    None => return ctx.err(m.span(), "mount", "must be a clean absolute path (no \"..\", \".\", or empty components)"),
+                    None => {
+                        return ctx.err(
+                            m.span(),
+                            "mount",
+                            "must be a clean absolute path (no \"..\", \".\", or empty components)",
+                        )
+                    }
                 }
             }
         };
@@ -314,7 +341,14 @@ impl Spec {
                     }
                     ImageRef::Registry { ref reference, .. } => {
                         if !matches!(reference, Some(Reference::Digest(_))) {
-                            return ctx.err(raw.base.image.span(), "base.image", format!("a registry base image must be pinned by digest: write {}@sha256:<digest>", r.with_reference(None)));
+                            return ctx.err(
+                                raw.base.image.span(),
+                                "base.image",
+                                format!(
+                                    "a registry base image must be pinned by digest: write {}@sha256:<digest>",
+                                    r.with_reference(None)
+                                ),
+                            );
                         }
                         let rp = r.registry_path().unwrap_or_default();
                         if !raw.base.allowed_registries.iter().any(|p| !p.is_empty() && rp.starts_with(p.as_str())) {
@@ -344,7 +378,11 @@ impl Spec {
             if seen_dest.insert(dest.clone(), ()).is_some() {
                 return ctx.err(s.name.span(), "shared.name", format!("destination {dest:?} is used twice"));
             }
-            shared.push(Tree { name: name.clone(), source: ctx.resolve(s.source.get_ref()), dest: format!("{mount}/{dest}") });
+            shared.push(Tree {
+                name: name.clone(),
+                source: ctx.resolve(s.source.get_ref()),
+                dest: format!("{mount}/{dest}"),
+            });
         }
 
         if raw.versions.get_ref().is_empty() {
@@ -354,12 +392,20 @@ impl Spec {
         for v in raw.versions.get_ref() {
             let name = v.name.get_ref();
             if !valid_tag(name) || name == "multiversion" {
-                return ctx.err(v.name.span(), "versions.name", format!("{name:?} cannot be a tag (letters, digits, '.', '_', '-'; not \"multiversion\")"));
+                return ctx.err(
+                    v.name.span(),
+                    "versions.name",
+                    format!("{name:?} cannot be a tag (letters, digits, '.', '_', '-'; not \"multiversion\")"),
+                );
             }
             if versions.iter().any(|t: &Tree| &t.name == name) {
                 return ctx.err(v.name.span(), "versions.name", format!("version {name:?} is listed twice"));
             }
-            versions.push(Tree { name: name.clone(), source: ctx.resolve(v.source.get_ref()), dest: format!("{mount}/php-{name}") });
+            versions.push(Tree {
+                name: name.clone(),
+                source: ctx.resolve(v.source.get_ref()),
+                dest: format!("{mount}/php-{name}"),
+            });
         }
 
         let exclude = match &raw.layers.exclude {
@@ -369,7 +415,13 @@ impl Spec {
                 for p in list {
                     match clean_relative(p.get_ref()) {
                         Some(c) => out.push(c),
-                        None => return ctx.err(p.span(), "layers.exclude", format!("{:?} is not a relative pattern", p.get_ref())),
+                        None => {
+                            return ctx.err(
+                                p.span(),
+                                "layers.exclude",
+                                format!("{:?} is not a relative pattern", p.get_ref()),
+                            )
+                        }
                     }
                 }
                 out
@@ -378,7 +430,11 @@ impl Spec {
         let mut splits = Vec::new();
         for s in &raw.layers.split {
             let Some(path) = clean_relative(s.path.get_ref()) else {
-                return ctx.err(s.path.span(), "layers.split.path", format!("{:?} is not a relative directory path", s.path.get_ref()));
+                return ctx.err(
+                    s.path.span(),
+                    "layers.split.path",
+                    format!("{:?} is not a relative directory path", s.path.get_ref()),
+                );
             };
             if splits.iter().any(|x: &Split| x.path == path) {
                 return ctx.err(s.path.span(), "layers.split.path", format!("{path:?} is listed twice"));
@@ -417,7 +473,9 @@ impl Spec {
         let platform = match &raw.image.platform {
             None => ("linux".to_string(), "amd64".to_string()),
             Some(p) => match p.get_ref().split_once('/') {
-                Some((os, arch)) if !os.is_empty() && !arch.is_empty() && !arch.contains('/') => (os.to_string(), arch.to_string()),
+                Some((os, arch)) if !os.is_empty() && !arch.is_empty() && !arch.contains('/') => {
+                    (os.to_string(), arch.to_string())
+                }
                 _ => return ctx.err(p.span(), "image.platform", "expected \"os/arch\", e.g. \"linux/amd64\""),
             },
         };
@@ -495,7 +553,12 @@ file_mode = "0640"
         assert_eq!(s.versions[0].dest, "srv/mediawiki/php-1.43.0-wmf.5");
         assert_eq!(s.versions[0].source, PathBuf::from("/x/v5"));
         assert_eq!(s.shared[0].dest, "srv/mediawiki/wmf-config");
-        assert_eq!(s.base, BaseImage::Image("oci:/x/base:latest".parse().map_err(|_| SpecError::Parse { path: "".into(), message: "".into() })?));
+        assert_eq!(
+            s.base,
+            BaseImage::Image(
+                "oci:/x/base:latest".parse().map_err(|_| SpecError::Parse { path: "".into(), message: "".into() })?
+            )
+        );
         assert_eq!(s.compression, Compression { algorithm: Algorithm::Gzip, level: 6, block_size: 4 << 20 });
         assert_eq!(s.ownership.file_mode, 0o640);
         assert_eq!(s.splits[1].bins, 4);
@@ -524,12 +587,15 @@ file_mode = "0640"
         let d = oci_core::Digest::of(b"x");
         let e = err_of(&GOOD.replace("oci:base:latest", &format!("docker://evil.example.org/base@{d}")));
         assert!(e.contains("allowed_registries"), "{e}");
-        let ok = GOOD.replace("oci:base:latest", &format!("docker://good.example.org/base@{d}"))
+        let ok = GOOD
+            .replace("oci:base:latest", &format!("docker://good.example.org/base@{d}"))
             .replace("[base]", "[base]\nallowed_registries = [\"good.example.org/\"]");
         assert!(parse(&ok).is_ok());
         let e = err_of(&GOOD.replace("name = \"1.43.0-wmf.5\"", "name = \"../x\""));
         assert!(e.contains("versions.name"), "{e}");
-        let e = err_of(&GOOD.replace("source = \"v5\"", "source = \"v5\"\n[[versions]]\nname = \"1.43.0-wmf.5\"\nsource = \"v6\""));
+        let e = err_of(
+            &GOOD.replace("source = \"v5\"", "source = \"v5\"\n[[versions]]\nname = \"1.43.0-wmf.5\"\nsource = \"v6\""),
+        );
         assert!(e.contains("listed twice"), "{e}");
         let e = err_of(&GOOD.replace("\"cache/l10n/upstream\"", "\"../up\""));
         assert!(e.contains("layers.exclude"), "{e}");
@@ -537,7 +603,14 @@ file_mode = "0640"
 
     #[test]
     fn explain_covers_every_raw_key() {
-        for k in ["mount", "base.image", "layers.split.bins", "compression.block_size_kib", "ownership.symlinks", "image.platform"] {
+        for k in [
+            "mount",
+            "base.image",
+            "layers.split.bins",
+            "compression.block_size_kib",
+            "ownership.symlinks",
+            "image.platform",
+        ] {
             assert!(explain(Some(k)).is_ok(), "{k}");
         }
         assert!(explain(Some("nope")).is_err());

@@ -132,7 +132,14 @@ impl<W: Write> TarWriter<W> {
 
     /// Write a regular file of exactly `size` bytes read from `r`, returning the content
     /// digest. A reader yielding fewer or more bytes is an error (the file changed).
-    pub fn file(&mut self, path: &str, mode: u32, size: u64, mut r: impl Read, source: &str) -> Result<Digest, TarError> {
+    pub fn file(
+        &mut self,
+        path: &str,
+        mode: u32,
+        size: u64,
+        mut r: impl Read,
+        source: &str,
+    ) -> Result<Digest, TarError> {
         self.header(path, b'0', mode, size, "")?;
         let mut h = Hasher::new();
         let mut left = size;

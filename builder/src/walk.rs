@@ -159,7 +159,11 @@ fn walk_dir(abs: &Path, rel: &str, excludes: &Excludes) -> Result<Vec<Entry>, Wa
                 v.extend(walk_dir(&path, &child_rel, excludes)?);
                 Ok(v)
             } else if ft.is_file() {
-                Ok(vec![Entry { rel: child_rel, kind: Kind::File { size: m.len(), exec: m.mode() & 0o111 != 0 }, stat }])
+                Ok(vec![Entry {
+                    rel: child_rel,
+                    kind: Kind::File { size: m.len(), exec: m.mode() & 0o111 != 0 },
+                    stat,
+                }])
             } else if ft.is_symlink() {
                 let t = fs::read_link(&path).map_err(|source| WalkError::Io { path: path.clone(), source })?;
                 let Some(target) = t.to_str() else { return Err(WalkError::NotUtf8 { path }) };
@@ -272,16 +276,17 @@ mod tests {
 
     #[test]
     fn symlink_resolution() {
-        let l = links(&[("a/b/c/up", "../.."), ("a/b/escape", "c/up/../.."), ("ok", "a/b/c/up/x"), ("abs", "/etc/passwd")]);
+        let l =
+            links(&[("a/b/c/up", "../.."), ("a/b/escape", "c/up/../.."), ("ok", "a/b/c/up/x"), ("abs", "/etc/passwd")]);
         assert!(resolve_inside("ok", &l).is_ok());
         assert!(resolve_inside("a/b/c/up", &l).is_ok());
-        assert!(resolve_inside("a/b/escape", &l).unwrap_err().contains("leaves"));
-        assert!(resolve_inside("abs", &l).unwrap_err().contains("absolute"));
+        assert!(resolve_inside("a/b/escape", &l).expect_err("refused").contains("leaves"));
+        assert!(resolve_inside("abs", &l).expect_err("refused").contains("absolute"));
         let l = links(&[("x", "y"), ("y", "x")]);
-        assert!(resolve_inside("x", &l).unwrap_err().contains("loop"));
+        assert!(resolve_inside("x", &l).expect_err("refused").contains("loop"));
         let l = links(&[("skins/common", "../resources/common"), ("d", "skins/common/../../..")]);
         assert!(resolve_inside("skins/common", &l).is_ok());
-        assert!(resolve_inside("d", &l).unwrap_err().contains("leaves"));
+        assert!(resolve_inside("d", &l).expect_err("refused").contains("leaves"));
     }
 
     #[test]

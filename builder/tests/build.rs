@@ -21,7 +21,10 @@ fn rt() -> tokio::runtime::Runtime {
 }
 
 fn train(dir: &Path, versions: usize) -> R<Train> {
-    Ok(generate_train(&dir.join("train"), &TrainOptions { seed: 7, size: Size::Tiny, versions, churn: 0.05, ..TrainOptions::default() })?)
+    Ok(generate_train(
+        &dir.join("train"),
+        &TrainOptions { seed: 7, size: Size::Tiny, versions, churn: 0.05, ..TrainOptions::default() },
+    )?)
 }
 
 fn opts(out: &Path, cache: &Path, jobs: usize) -> BuildOptions {
@@ -49,7 +52,10 @@ fn layers_by_tag(out: &Path) -> R<BTreeMap<String, Vec<String>>> {
         }
         let d = oci_core::Digest::from_oci(desc.digest())?;
         let v: serde_json::Value = serde_json::from_slice(&l.read_blob(&d, None)?)?;
-        let layers = v["layers"].as_array().map(|a| a.iter().filter_map(|x| x["digest"].as_str().map(String::from)).collect()).unwrap_or_default();
+        let layers = v["layers"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x["digest"].as_str().map(String::from)).collect())
+            .unwrap_or_default();
         m.insert(tag, layers);
     }
     Ok(m)
@@ -115,7 +121,10 @@ fn reproducible_across_copies_mtimes_modes_order_and_jobs() -> R {
     let spec_b = spec_with_sources(&t, &copies)?;
     let b = run_build(&spec_b, &opts(&tmp.path().join("b"), &tmp.path().join("cache-b"), 4))?;
     assert_eq!(digests(&a), digests(&b));
-    assert!(b.layers.iter().all(|l| l.rebuilt), "second build had its own cache, so it must have compressed everything");
+    assert!(
+        b.layers.iter().all(|l| l.rebuilt),
+        "second build had its own cache, so it must have compressed everything"
+    );
     Ok(())
 }
 
@@ -136,7 +145,10 @@ fn aggregate_reuses_version_layers_and_noop_compresses_nothing() -> R {
     // Every layer of the aggregate is the base's, a shared one, or one version's.
     let union: BTreeSet<&String> = t.versions.iter().flat_map(|v| tags[v].iter()).collect();
     assert_eq!(agg, union);
-    assert!(tags.keys().any(|k| k.ends_with("-multiversion") && k.len() == "2026-01-01-000000-multiversion".len()), "date tag missing: {tags:?}");
+    assert!(
+        tags.keys().any(|k| k.ends_with("-multiversion") && k.len() == "2026-01-01-000000-multiversion".len()),
+        "date tag missing: {tags:?}"
+    );
     assert!(first.layers.len() <= 64 && tags["multiversion"].len() <= 64);
 
     let again = run_build(&spec, &opts(&out, &cache, 2))?;
@@ -216,7 +228,12 @@ fn listing(root: &Path, exclude: &[&str]) -> R<BTreeMap<String, String>> {
             let e = e?;
             let p = e.path();
             let rel = p.strip_prefix(root)?.to_string_lossy().to_string();
-            if exclude.iter().any(|x| rel == *x || rel.starts_with(&format!("{x}/")) || rel.ends_with(&format!("/{x}")) || rel.contains(&format!("/{x}/"))) {
+            if exclude.iter().any(|x| {
+                rel == *x
+                    || rel.starts_with(&format!("{x}/"))
+                    || rel.ends_with(&format!("/{x}"))
+                    || rel.contains(&format!("/{x}/"))
+            }) {
                 continue;
             }
             let md = fs::symlink_metadata(&p)?;
@@ -252,7 +269,11 @@ fn umoci_unpack_equals_source_and_oci_image_tool_validates() -> R {
     run_build(&spec, &opts(&out, &tmp.path().join("cache"), 2))?;
     for v in &spec.versions {
         let bundle = tmp.path().join(format!("bundle-{}", v.name));
-        let st = Command::new("umoci").args(["unpack", "--rootless", "--image"]).arg(format!("{}:{}", out.display(), v.name)).arg(&bundle).output()?;
+        let st = Command::new("umoci")
+            .args(["unpack", "--rootless", "--image"])
+            .arg(format!("{}:{}", out.display(), v.name))
+            .arg(&bundle)
+            .output()?;
         assert!(st.status.success(), "umoci: {}", String::from_utf8_lossy(&st.stderr));
         let unpacked = bundle.join("rootfs/srv/mediawiki").join(format!("php-{}", v.name));
         let want = listing(&v.source, &[".git", "cache/l10n/upstream"])?;
@@ -274,8 +295,17 @@ fn umoci_unpack_equals_source_and_oci_image_tool_validates() -> R {
         fs::remove_dir_all(single.join("blobs"))?;
         Command::new("cp").arg("-al").arg(out.join("blobs")).arg(&single).status()?;
         sl.set_tag(&tag, &desc)?;
-        let st = Command::new("oci-image-tool").args(["validate", "--type", "image", "--ref"]).arg(format!("name={tag}")).arg(&single).output()?;
-        assert!(st.status.success(), "oci-image-tool on {tag}: {}{}", String::from_utf8_lossy(&st.stdout), String::from_utf8_lossy(&st.stderr));
+        let st = Command::new("oci-image-tool")
+            .args(["validate", "--type", "image", "--ref"])
+            .arg(format!("name={tag}"))
+            .arg(&single)
+            .output()?;
+        assert!(
+            st.status.success(),
+            "oci-image-tool on {tag}: {}{}",
+            String::from_utf8_lossy(&st.stdout),
+            String::from_utf8_lossy(&st.stderr)
+        );
     }
     Ok(())
 }
@@ -358,7 +388,11 @@ fn unreadable_file_is_named() -> R {
     fs::write(&secret, "<?php")?;
     fs::set_permissions(&secret, fs::Permissions::from_mode(0o000))?;
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_mwbuild"));
-    let is_root = Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false);
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
     let mut cmd = if is_root {
         if !have("setpriv") {
             eprintln!("SKIP: running as root without setpriv");
@@ -415,7 +449,8 @@ fn diff_and_inspect_read_only_metadata() -> R {
     }
     let d = rt().block_on(mwbuild::inspect::diff(&a, &b, &ClientOptions::default()))?;
     let sec = &d.sections[&format!("php-{v}")];
-    let mut got: Vec<String> = sec.changed.iter().map(|p| p.trim_start_matches(&format!("srv/mediawiki/php-{v}/")).to_string()).collect();
+    let mut got: Vec<String> =
+        sec.changed.iter().map(|p| p.trim_start_matches(&format!("srv/mediawiki/php-{v}/")).to_string()).collect();
     let mut want: Vec<String> = changed.iter().map(|p| p.to_string_lossy().to_string()).collect();
     got.sort();
     want.sort();
@@ -454,7 +489,10 @@ fn rebase_swaps_only_base_layers() -> R {
     let (cd, cs) = b2.put_blob_bytes(&serde_json::to_vec(&cfg)?)?;
     let m = serde_json::json!({"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":cd.to_string(),"size":cs},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":ld.to_string(),"size":ls}]});
     let (md, ms) = b2.put_blob_bytes(&serde_json::to_vec(&m)?)?;
-    b2.set_tag("latest", &oci_spec::image::Descriptor::new(oci_spec::image::MediaType::ImageManifest, ms, md.to_oci()))?;
+    b2.set_tag(
+        "latest",
+        &oci_spec::image::Descriptor::new(oci_spec::image::MediaType::ImageManifest, ms, md.to_oci()),
+    )?;
 
     let before = layers_by_tag(&out)?["multiversion"].clone();
     let src: ImageRef = format!("oci:{}:multiversion", out.display()).parse()?;

@@ -10,7 +10,8 @@ use std::str::FromStr;
 /// would let unverified content through.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest {
-    hex: String,
+    // Boxed rather than a String: digests are embedded in many error values.
+    hex: Box<str>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -28,7 +29,7 @@ impl Digest {
     }
 
     pub fn from_sha256(raw: [u8; 32]) -> Self {
-        Digest { hex: hex::encode(raw) }
+        Digest { hex: hex::encode(raw).into() }
     }
 
     /// The 64 hex digits without the algorithm.
@@ -68,7 +69,7 @@ impl FromStr for Digest {
         if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
             return Err(DigestError::Malformed(s.to_string()));
         }
-        Ok(Digest { hex: hex.to_string() })
+        Ok(Digest { hex: hex.into() })
     }
 }
 
