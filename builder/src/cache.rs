@@ -85,6 +85,8 @@ pub struct SlotRecord {
     pub slot: String,
     pub source: PathBuf,
     pub params: Digest,
+    /// Digest of the slot's listing (paths, kinds, sizes, link targets) when recorded.
+    pub listing: Digest,
     pub files: Vec<SlotFile>,
     pub last_key: Option<Digest>,
 }

@@ -133,58 +133,59 @@ pub fn walk(root: &Path, excludes: &Excludes, policy: SymlinkPolicy) -> Result<V
 
 fn walk_dir(abs: &Path, rel: &str, excludes: &Excludes) -> Result<Vec<Entry>, WalkError> {
     let io = |source| WalkError::Io { path: abs.to_path_buf(), source };
-    let mut names = Vec::new();
+    // lstat through the directory (fstatat), sequentially; only subdirectories fan out.
+    let mut children: Vec<(String, fs::Metadata)> = Vec::new();
     for de in fs::read_dir(abs).map_err(io)? {
         let de = de.map_err(io)?;
         let name = de.file_name();
         let Some(name) = name.to_str() else {
             return Err(WalkError::NotUtf8 { path: abs.join(de.file_name()) });
         };
-        names.push(name.to_string());
+        let child_rel = if rel.is_empty() { name.to_string() } else { format!("{rel}/{name}") };
+        if excludes.matches(&child_rel) {
+            continue;
+        }
+        let m = de.metadata().map_err(|source| WalkError::Io { path: de.path(), source })?;
+        children.push((name.to_string(), m));
     }
-    names.sort_unstable();
-    let children: Vec<Result<Vec<Entry>, WalkError>> = names
-        .into_par_iter()
-        .map(|name| {
-            let child_rel = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
-            if excludes.matches(&child_rel) {
+    children.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let subtrees: Vec<Result<Vec<Entry>, WalkError>> = children
+        .par_iter()
+        .map(|(name, m)| {
+            if !m.is_dir() {
                 return Ok(Vec::new());
             }
-            let path = abs.join(&name);
-            let m = fs::symlink_metadata(&path).map_err(|source| WalkError::Io { path: path.clone(), source })?;
-            let ft = m.file_type();
-            let stat = Stat::of(&m);
-            if ft.is_dir() {
-                let mut v = vec![Entry { rel: child_rel.clone(), kind: Kind::Dir, stat }];
-                v.extend(walk_dir(&path, &child_rel, excludes)?);
-                Ok(v)
-            } else if ft.is_file() {
-                Ok(vec![Entry {
-                    rel: child_rel,
-                    kind: Kind::File { size: m.len(), exec: m.mode() & 0o111 != 0 },
-                    stat,
-                }])
-            } else if ft.is_symlink() {
-                let t = fs::read_link(&path).map_err(|source| WalkError::Io { path: path.clone(), source })?;
-                let Some(target) = t.to_str() else { return Err(WalkError::NotUtf8 { path }) };
-                Ok(vec![Entry { rel: child_rel, kind: Kind::Symlink { target: target.to_string() }, stat }])
-            } else {
-                let kind = if ft.is_fifo() {
-                    "FIFO"
-                } else if ft.is_socket() {
-                    "socket"
-                } else if ft.is_block_device() {
-                    "block device"
-                } else {
-                    "character device"
-                };
-                Err(WalkError::Special { path, kind })
-            }
+            let child_rel = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+            walk_dir(&abs.join(name), &child_rel, excludes)
         })
         .collect();
-    let mut out = Vec::new();
-    for c in children {
-        out.extend(c?);
+    let mut out = Vec::with_capacity(children.len());
+    for ((name, m), sub) in children.into_iter().zip(subtrees) {
+        let child_rel = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+        let ft = m.file_type();
+        let stat = Stat::of(&m);
+        if ft.is_dir() {
+            out.push(Entry { rel: child_rel, kind: Kind::Dir, stat });
+            out.extend(sub?);
+        } else if ft.is_file() {
+            out.push(Entry { rel: child_rel, kind: Kind::File { size: m.len(), exec: m.mode() & 0o111 != 0 }, stat });
+        } else if ft.is_symlink() {
+            let path = abs.join(&name);
+            let t = fs::read_link(&path).map_err(|source| WalkError::Io { path: path.clone(), source })?;
+            let Some(target) = t.to_str() else { return Err(WalkError::NotUtf8 { path }) };
+            out.push(Entry { rel: child_rel, kind: Kind::Symlink { target: target.to_string() }, stat });
+        } else {
+            let kind = if ft.is_fifo() {
+                "FIFO"
+            } else if ft.is_socket() {
+                "socket"
+            } else if ft.is_block_device() {
+                "block device"
+            } else {
+                "character device"
+            };
+            return Err(WalkError::Special { path: abs.join(&name), kind });
+        }
     }
     Ok(out)
 }
