@@ -91,12 +91,6 @@ pub struct SlotRecord {
     pub last_key: Option<Digest>,
 }
 
-#[derive(Serialize, Deserialize)]
-struct Sealed<T> {
-    sum: Digest,
-    body: T,
-}
-
 pub struct Cache {
     root: PathBuf,
     blobs: Layout,
@@ -147,23 +141,29 @@ impl Cache {
         BlobStat::of(&dst).map_err(|source| CacheError::Io { path: dst, what: "cannot stat blob", source })
     }
 
-    fn read_sealed<T: DeserializeOwned + Serialize>(&self, path: &Path) -> Option<T> {
+    /// Records are `<sha256 of body>\n<body JSON>`; the checksum is over the raw bytes.
+    fn read_sealed<T: DeserializeOwned>(&self, path: &Path) -> Option<T> {
         let bytes = fs::read(path).ok()?;
-        let sealed: Sealed<T> = match serde_json::from_slice(&bytes) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!("cache record {} is corrupt ({e}); ignoring it", path.display());
-                let _ = fs::remove_file(path);
-                return None;
-            }
-        };
-        let body = serde_json::to_vec(&sealed.body).ok()?;
-        if Digest::of(&body) != sealed.sum {
-            tracing::warn!("cache record {} fails its checksum; ignoring it", path.display());
+        let corrupt = |why: &str| {
+            tracing::warn!("cache record {} is corrupt ({why}); ignoring it", path.display());
             let _ = fs::remove_file(path);
+        };
+        let Some(nl) = bytes.iter().position(|b| *b == b'\n') else {
+            corrupt("no checksum line");
+            return None;
+        };
+        let (sum, body) = (&bytes[..nl], &bytes[nl + 1..]);
+        if Digest::of(body).to_string().as_bytes() != sum {
+            corrupt("checksum mismatch");
             return None;
         }
-        Some(sealed.body)
+        match serde_json::from_slice(body) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                corrupt(&e.to_string());
+                None
+            }
+        }
     }
 
     fn write_sealed<T: Serialize>(&self, path: &Path, body: &T) -> Result<(), CacheError> {
@@ -171,25 +171,14 @@ impl Cache {
             let path = path.to_path_buf();
             move |source| CacheError::Io { path, what, source }
         };
-        let bytes = serde_json::to_vec(body).map_err(|e| CacheError::Io {
-            path: path.to_path_buf(),
-            what: "cannot encode record",
-            source: e.into(),
-        })?;
-        let sealed = Sealed { sum: Digest::of(&bytes), body };
-        let out = serde_json::to_vec(&sealed).map_err(|e| CacheError::Io {
-            path: path.to_path_buf(),
-            what: "cannot encode record",
-            source: e.into(),
-        })?;
+        let bytes = serde_json::to_vec(body).map_err(|e| CacheError::Io { path: path.to_path_buf(), what: "cannot encode record", source: e.into() })?;
+        let mut out = Digest::of(&bytes).to_string().into_bytes();
+        out.push(b'\n');
+        out.extend_from_slice(&bytes);
         let dir = path.parent().unwrap_or(Path::new("."));
         let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir).map_err(io("cannot create record"))?;
         io::Write::write_all(&mut tmp, &out).map_err(io("cannot write record"))?;
-        tmp.persist(path).map_err(|e| CacheError::Io {
-            path: path.to_path_buf(),
-            what: "cannot replace record",
-            source: e.error,
-        })?;
+        tmp.persist(path).map_err(|e| CacheError::Io { path: path.to_path_buf(), what: "cannot replace record", source: e.error })?;
         Ok(())
     }
 
