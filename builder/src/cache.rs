@@ -171,14 +171,22 @@ impl Cache {
             let path = path.to_path_buf();
             move |source| CacheError::Io { path, what, source }
         };
-        let bytes = serde_json::to_vec(body).map_err(|e| CacheError::Io { path: path.to_path_buf(), what: "cannot encode record", source: e.into() })?;
+        let bytes = serde_json::to_vec(body).map_err(|e| CacheError::Io {
+            path: path.to_path_buf(),
+            what: "cannot encode record",
+            source: e.into(),
+        })?;
         let mut out = Digest::of(&bytes).to_string().into_bytes();
         out.push(b'\n');
         out.extend_from_slice(&bytes);
         let dir = path.parent().unwrap_or(Path::new("."));
         let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir).map_err(io("cannot create record"))?;
         io::Write::write_all(&mut tmp, &out).map_err(io("cannot write record"))?;
-        tmp.persist(path).map_err(|e| CacheError::Io { path: path.to_path_buf(), what: "cannot replace record", source: e.error })?;
+        tmp.persist(path).map_err(|e| CacheError::Io {
+            path: path.to_path_buf(),
+            what: "cannot replace record",
+            source: e.error,
+        })?;
         Ok(())
     }
 

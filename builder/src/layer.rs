@@ -283,7 +283,14 @@ impl LayerBuilder<'_> {
         if let Some(prev) = &previous {
             if prev.listing == listing && files.iter().all(|e| hashes.contains_key(e.rel.as_str())) {
                 if let Some(record) = prev.last_key.as_ref().and_then(|k| self.cache.lookup_layer(k)) {
-                    return Ok(LayerOutcome { slot: slot.to_string(), record, rebuilt: false, bytes_read: 0, bytes_compressed: 0, duration: started.elapsed() });
+                    return Ok(LayerOutcome {
+                        slot: slot.to_string(),
+                        record,
+                        rebuilt: false,
+                        bytes_read: 0,
+                        bytes_compressed: 0,
+                        duration: started.elapsed(),
+                    });
                 }
             }
         }
