@@ -102,7 +102,7 @@ impl Cache {
     }
 
     pub fn open(root: &Path) -> Result<Cache, CacheError> {
-        for sub in ["layers", "slots"] {
+        for sub in ["layers", "slots", "pushed"] {
             let p = root.join(sub);
             fs::create_dir_all(&p).map_err(|source| CacheError::Io {
                 path: p,
@@ -233,6 +233,26 @@ impl Cache {
             let _ = self.write_sealed(&path, &r);
         }
         Some(r)
+    }
+
+    fn pushed_path(&self, host: &str, d: &Digest) -> PathBuf {
+        self.root.join("pushed").join(format!("{}-{}", Digest::of(host.as_bytes()).short(), d.hex()))
+    }
+
+    /// A repository of `host` this blob was last pushed to (a cross-repository mount source).
+    pub fn pushed_repo(&self, host: &str, d: &Digest) -> Option<String> {
+        let s = fs::read_to_string(self.pushed_path(host, d)).ok()?;
+        let repo = s.trim();
+        (!repo.is_empty() && repo.len() < 256 && repo.bytes().all(|b| b.is_ascii_graphic())).then(|| repo.to_string())
+    }
+
+    /// Remember that `host/repo` holds the blob. Best effort: a lost note costs an upload.
+    pub fn note_pushed(&self, host: &str, repo: &str, d: &Digest) {
+        let p = self.pushed_path(host, d);
+        if fs::read_to_string(&p).is_ok_and(|s| s.trim() == repo) {
+            return;
+        }
+        let _ = fs::write(p, repo);
     }
 
     pub fn save_layer(&self, r: &LayerRecord) -> Result<(), CacheError> {

@@ -108,7 +108,12 @@ impl<'a> Publisher<'a> {
             let pb = pb.clone();
             async move {
                 let (digest, size) = (b.digest().clone(), b.size());
-                let (path, mount_from) = self.local_path(&b).await?;
+                let (path, mut mount_from) = self.local_path(&b).await?;
+                let target = self.out.registry_repo();
+                if let (None, Some((host, repo))) = (&mount_from, target) {
+                    // Pushed to another repository of this registry before: mount it from there.
+                    mount_from = self.cache.pushed_repo(host, &digest).filter(|r| r != repo);
+                }
                 let r = self.out.put_blob_file(&path, &digest, size, mount_from.as_deref()).await;
                 let r = match (r, &b, mount_from.is_some()) {
                     // Mount refused and the blob is not local yet: fetch it and push.
@@ -122,6 +127,9 @@ impl<'a> Publisher<'a> {
                     }
                     (r, _, _) => r?,
                 };
+                if let Some((host, repo)) = target {
+                    self.cache.note_pushed(host, repo, &digest);
+                }
                 pb.inc(size);
                 let stats = match r {
                     BlobPush::Existed => PushStats { skipped: size, ..Default::default() },

@@ -105,6 +105,13 @@ fn push_is_accepted_by_skopeo_and_rebuild_pushes_nothing() -> R {
     assert_eq!(again.totals.pushed, 0);
     assert!(again.totals.skipped > 0);
     assert!(again.layers.iter().all(|l| !l.rebuilt));
+
+    // Another repository of the same registry: every blob is mounted, none uploaded.
+    let other = format!("docker://{}/mediawiki/other", reg.host());
+    let third = rt().block_on(build(&spec, &opts(&other, &tmp.path().join("cache"))))?;
+    assert_eq!(third.totals.pushed, 0, "{:?}", third.totals);
+    assert!(third.totals.mounted >= sizes.values().sum::<u64>(), "{:?}", third.totals);
+    skopeo(&["inspect", "--tls-verify=false", &format!("docker://{}/mediawiki/other:multiversion", reg.host())])?;
     Ok(())
 }
 
