@@ -5,6 +5,7 @@
 //! <cache>/blobs/sha256/<hex>       compressed layers and tables of contents
 //! <cache>/layers/<key>.json        content key -> layer record (digests, sizes, TOC)
 //! <cache>/slots/<hash>.json        per layer slot: each file's lstat facts and sha256
+//! <cache>/pushed/<host>-<digest>    the registry repository a blob was last pushed to
 //! ```
 //!
 //! The content key of a layer is the sha256 of the build parameters and the layer's table

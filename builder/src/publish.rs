@@ -114,7 +114,20 @@ impl<'a> Publisher<'a> {
                     // Pushed to another repository of this registry before: mount it from there.
                     mount_from = self.cache.pushed_repo(host, &digest).filter(|r| r != repo);
                 }
-                let r = self.out.put_blob_file(&path, &digest, size, mount_from.as_deref()).await;
+                let r = match (&b, self.out) {
+                    // Cache blobs were hashed when written and checked when looked up.
+                    (BlobSource::Cache { .. }, Store::Layout { layout, .. }) => {
+                        if layout.blob_size(&digest) == Some(size) {
+                            Ok(BlobPush::Existed)
+                        } else {
+                            layout
+                                .put_verified_blob_file(&path, &digest, size)
+                                .map(|()| BlobPush::Uploaded(size))
+                                .map_err(StoreError::from)
+                        }
+                    }
+                    _ => self.out.put_blob_file(&path, &digest, size, mount_from.as_deref()).await,
+                };
                 let r = match (r, &b, mount_from.is_some()) {
                     // Mount refused and the blob is not local yet: fetch it and push.
                     (Err(_), BlobSource::Image { source, .. }, true)
@@ -157,6 +170,7 @@ impl<'a> Publisher<'a> {
             digests.push(self.out.put_manifest(bytes, media::OCI_MANIFEST, None).await?);
         }
         self.out.put_blob_bytes(image::EMPTY_JSON).await?;
+        let mut tags: Vec<(String, Vec<u8>, String)> = Vec::new();
         for ((_, bytes, layers, _), d) in images.iter().zip(&digests) {
             let mut tocs: BTreeMap<Digest, u64> = BTreeMap::new();
             for l in layers {
@@ -173,15 +187,17 @@ impl<'a> Publisher<'a> {
             let art = image::to_bytes(&image::toc_artifact(d, bytes.len() as u64, &tocs));
             let art_d = self.out.put_manifest(&art, media::OCI_MANIFEST, None).await?;
             let idx = image::to_bytes(&image::referrers_index(&art_d, art.len() as u64));
-            self.out.put_manifest(&idx, media::OCI_INDEX, Some(&image::referrers_tag(d))).await?;
+            self.out.put_manifest(&idx, media::OCI_INDEX, None).await?;
+            tags.push((image::referrers_tag(d), idx, media::OCI_INDEX.to_string()));
         }
         let mut out = Vec::new();
-        for ((flavour, bytes, _, tags), d) in images.iter().zip(digests) {
-            for t in tags {
-                self.out.put_manifest(bytes, media::OCI_MANIFEST, Some(t)).await?;
+        for ((flavour, bytes, _, names), d) in images.iter().zip(digests) {
+            for t in names {
+                tags.push((t.clone(), bytes.clone(), media::OCI_MANIFEST.to_string()));
             }
-            out.push((flavour.clone(), d, tags.clone()));
+            out.push((flavour.clone(), d, names.clone()));
         }
+        self.out.set_tags(&tags).await?;
         Ok(out)
     }
 }

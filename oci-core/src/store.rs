@@ -225,6 +225,29 @@ impl Store {
         }
     }
 
+    /// Point each tag at its manifest (already stored): one atomic index update for a
+    /// layout, one PUT per tag for a registry.
+    pub async fn set_tags(&self, tags: &[(String, Vec<u8>, String)]) -> Result<(), StoreError> {
+        match self {
+            Store::Layout { layout, .. } => {
+                let descs: Vec<(String, Descriptor)> = tags
+                    .iter()
+                    .map(|(t, bytes, mt)| {
+                        let mt: oci_spec::image::MediaType = mt.as_str().into();
+                        (t.clone(), Descriptor::new(mt, bytes.len() as u64, Digest::of(bytes).to_oci()))
+                    })
+                    .collect();
+                Ok(layout.set_tags(&descs)?)
+            }
+            Store::Registry { .. } => {
+                for (t, bytes, mt) in tags {
+                    self.put_manifest(bytes, mt, Some(t)).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
     pub async fn tags(&self) -> Result<Vec<String>, StoreError> {
         match self {
             Store::Layout { layout, .. } => Ok(layout.tags()?.into_iter().map(|(t, _)| t).collect()),
