@@ -117,32 +117,13 @@ impl Layout {
     }
 
     /// Stream a blob in, verifying digest and size before it becomes visible.
-    pub fn put_blob_reader(&self, mut r: impl Read, expected: &Digest, size: u64) -> Result<(), LayoutError> {
+    pub fn put_blob_reader(&self, r: impl Read, expected: &Digest, size: u64) -> Result<(), LayoutError> {
         if self.blob_size(expected) == Some(size) {
             return Ok(());
         }
-        let mut tmp = self.tmp_file()?;
-        let mut h = Hasher::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = r.read(&mut buf).map_err(io_err(tmp.path(), "cannot read blob source"))?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-            tmp.write_all(&buf[..n]).map_err(io_err(tmp.path(), "cannot write blob"))?;
-        }
-        let (actual, actual_size) = h.finish();
-        if &actual != expected || actual_size != size {
-            return Err(LayoutError::Mismatch {
-                path: tmp.path().to_path_buf(),
-                digest: expected.clone(),
-                expected_size: size,
-                actual,
-                actual_size,
-            });
-        }
-        self.persist(tmp, expected)
+        let blobs = self.dir.join("blobs/sha256");
+        fs::create_dir_all(&blobs).map_err(io_err(&blobs, "cannot create blob directory"))?;
+        write_verified(r, expected, size, &self.blob_path(expected))
     }
 
     /// Bring a file that is believed to hold `expected` into the layout: hardlinked when
@@ -366,6 +347,43 @@ impl Layout {
     }
 }
 
+/// Copy `r` to `dst` through a temporary file beside it, hashing as it goes; `dst`
+/// appears only if the content has the expected digest and size.
+pub fn write_verified(mut r: impl Read, expected: &Digest, size: u64, dst: &Path) -> Result<(), LayoutError> {
+    let dir = dst.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempfile_in(dir)
+        .map_err(io_err(dir, "cannot create temporary file"))?;
+    let mut h = Hasher::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = r.read(&mut buf).map_err(io_err(dst, "cannot read blob source"))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        tmp.write_all(&buf[..n]).map_err(io_err(tmp.path(), "cannot write blob"))?;
+    }
+    let (actual, actual_size) = h.finish();
+    if &actual != expected || actual_size != size {
+        return Err(LayoutError::Mismatch {
+            path: dst.to_path_buf(),
+            digest: expected.clone(),
+            expected_size: size,
+            actual,
+            actual_size,
+        });
+    }
+    tmp.as_file().sync_data().map_err(io_err(dst, "cannot sync blob"))?;
+    tmp.persist(dst).map_err(|e| LayoutError::Io {
+        path: dst.to_path_buf(),
+        what: "cannot move blob into place",
+        source: e.error,
+    })?;
+    Ok(())
+}
+
 fn empty_index() -> ImageIndex {
     let mut i = ImageIndex::default();
     i.set_schema_version(2);
@@ -399,7 +417,10 @@ mod tests {
         assert_eq!(Digest::from_oci(l.resolve_tag(Some("a"))?.digest())?, d);
         assert!(matches!(l.resolve_tag(None), Err(LayoutError::Ambiguous { .. })));
         let e = l.resolve_tag(Some("zz")).expect_err("unknown tag");
-        assert!(e.to_string().contains("a, b"), "re-pointing a tag at the same manifest must not reorder the index: {e}");
+        assert!(
+            e.to_string().contains("a, b"),
+            "re-pointing a tag at the same manifest must not reorder the index: {e}"
+        );
         // Corruption is detected on read.
         fs::write(l.blob_path(&d), b"[]")?;
         assert!(matches!(l.read_blob(&d, Some(n)), Err(LayoutError::Mismatch { .. })));

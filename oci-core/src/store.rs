@@ -123,9 +123,12 @@ impl Store {
                         digest: d.clone(),
                     })?,
                 };
-                let dst_dir = dst.parent().unwrap_or(Path::new("."));
-                let tmp_layout = TmpTarget { dir: dst_dir };
-                tmp_layout.copy_verified(&src, d, expected, dst)?;
+                let f = std::fs::File::open(&src).map_err(|source| LayoutError::Io {
+                    path: src.clone(),
+                    what: "cannot open blob",
+                    source,
+                })?;
+                crate::layout::write_verified(std::io::BufReader::new(f), d, expected, dst)?;
                 Ok(expected)
             }
             Store::Registry { client, repo, .. } => Ok(client.fetch_blob_to_file(repo, d, size, dst).await?),
@@ -323,49 +326,4 @@ pub fn sniff_media_type(bytes: &[u8]) -> Option<String> {
     }
     let m: M = serde_json::from_slice(bytes).ok()?;
     m.media_type.or_else(|| m.manifests.map(|_| media::OCI_INDEX.to_string()))
-}
-
-struct TmpTarget<'a> {
-    dir: &'a Path,
-}
-
-impl TmpTarget<'_> {
-    fn copy_verified(&self, src: &Path, d: &Digest, size: u64, dst: &Path) -> Result<(), LayoutError> {
-        use std::io::{Read, Write};
-        let io = |path: &Path, what: &'static str| {
-            let path = path.to_path_buf();
-            move |source| LayoutError::Io { path, what, source }
-        };
-        let mut f = std::fs::File::open(src).map_err(io(src, "cannot open blob"))?;
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".tmp-")
-            .tempfile_in(self.dir)
-            .map_err(io(self.dir, "cannot create temporary file"))?;
-        let mut h = crate::digest::Hasher::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = f.read(&mut buf).map_err(io(src, "cannot read blob"))?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-            tmp.write_all(&buf[..n]).map_err(io(dst, "cannot write"))?;
-        }
-        let (actual, actual_size) = h.finish();
-        if &actual != d || actual_size != size {
-            return Err(LayoutError::Mismatch {
-                path: src.to_path_buf(),
-                digest: d.clone(),
-                expected_size: size,
-                actual,
-                actual_size,
-            });
-        }
-        tmp.persist(dst).map_err(|e| LayoutError::Io {
-            path: dst.to_path_buf(),
-            what: "cannot move into place",
-            source: e.error,
-        })?;
-        Ok(())
-    }
 }
