@@ -80,7 +80,7 @@ def bench_tree(label, spec, tree, mwbuild, mwfixture, work, repeat, cores):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--size", default="medium", help="generated tree size: tiny|small|medium|large")
+    ap.add_argument("--size", default="medium,large", help="generated tree sizes, comma-separated: tiny|small|medium|large")
     ap.add_argument("--debian", default=os.path.join(ROOT, "target", "debian-mediawiki"), help="Debian MediaWiki tree (fetched if missing)")
     ap.add_argument("--no-debian", action="store_true")
     ap.add_argument("--repeat", type=int, default=3)
@@ -92,17 +92,18 @@ def main():
     work = a.work or tempfile.mkdtemp(prefix="mwbuild-bench-")
     results = []
 
-    gen = os.path.join(work, "gen")
-    shutil.rmtree(gen, ignore_errors=True)
-    subprocess.run([mwfixture, "train", "--out", gen, "--size", a.size, "--versions", "1", "--seed", "42"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    spec = os.path.join(gen, "mwbuild.toml")
-    tree = json.loads(json.dumps([l.split('"')[1] for l in open(spec) if l.startswith("source = \"versions/")]))[0]
-    # Bench only the version tree: drop shared trees from the spec so both sides read the same bytes.
-    text = open(spec).read()
-    text = text.split("[[shared]]")[0] + "[[versions]]" + text.split("[[versions]]", 1)[1]
-    bspec = os.path.join(gen, "bench.toml")
-    open(bspec, "w").write(text.replace('image = "oci:base:latest"', 'image = "scratch"'))
-    results.append(bench_tree(f"generated ({a.size})", bspec, os.path.join(gen, tree), mwbuild, mwfixture, os.path.join(work, "w1"), a.repeat, cores))
+    for size in a.size.split(","):
+        gen = os.path.join(work, "gen-" + size)
+        shutil.rmtree(gen, ignore_errors=True)
+        subprocess.run([mwfixture, "train", "--out", gen, "--size", size, "--versions", "1", "--seed", "42"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        spec = os.path.join(gen, "mwbuild.toml")
+        text = open(spec).read()
+        tree = [l.split('"')[1] for l in text.splitlines() if l.startswith('source = "versions/')][0]
+        # Bench only the version tree: drop shared trees so both sides read the same bytes.
+        text = text.split("[[shared]]")[0] + "[[versions]]" + text.split("[[versions]]", 1)[1]
+        bspec = os.path.join(gen, "bench.toml")
+        open(bspec, "w").write(text.replace('image = "oci:base:latest"', 'image = "scratch"'))
+        results.append(bench_tree(f"generated ({size})", bspec, os.path.join(gen, tree), mwbuild, mwfixture, os.path.join(work, "w-" + size), a.repeat, cores))
 
     if not a.no_debian:
         deb = a.debian

@@ -2,7 +2,7 @@
 //! every blob, then every manifest, then the tags — so a failure never leaves a tag
 //! pointing at something incomplete.
 
-use crate::cache::{Cache, CacheError};
+use crate::cache::{BlobStat, Cache, CacheError};
 use crate::compress::Engine;
 use crate::image::{self, LayerDesc};
 use crate::layer::{params_digest, LayerBuilder, LayerError, LayerOutcome};
@@ -21,7 +21,7 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 #[derive(Debug, thiserror::Error)]
@@ -215,11 +215,13 @@ pub async fn build(spec: &Spec, opts: &BuildOptions) -> Result<Report, BuildErro
 
     // Build or reuse every layer.
     let t_layers = Instant::now();
-    let all_plans: Vec<LayerPlan> = shared_plans.iter().chain(version_plans.iter().flatten()).cloned().collect();
+    let n_shared = shared_plans.len();
+    let version_lens: Vec<usize> = version_plans.iter().map(Vec::len).collect();
+    let all_plans: Arc<Vec<LayerPlan>> = Arc::new(shared_plans.into_iter().chain(version_plans.into_iter().flatten()).collect());
     let total_bytes: u64 = all_plans.iter().map(LayerPlan::file_bytes).sum();
     let pb = progress_bar(opts.progress, total_bytes);
     pb.set_message("layers");
-    let (spec3, opts3, plans3, pb3) = (spec.clone(), opts.clone(), all_plans.clone(), pb.clone());
+    let (spec3, opts3, plans3, pb3) = (spec.clone(), opts.clone(), Arc::clone(&all_plans), pb.clone());
     let outcomes = tokio::task::spawn_blocking(move || build_layers(&spec3, &plans3, &opts3, &pb3))
         .await
         .map_err(|e| BuildError::Task(e.to_string()))??;
@@ -229,12 +231,11 @@ pub async fn build(spec: &Spec, opts: &BuildOptions) -> Result<Report, BuildErro
     // Assemble images.
     let t_pub = Instant::now();
     let descs: Vec<LayerDesc> = all_plans.iter().zip(&outcomes).map(|(p, o)| layer_desc(p, o)).collect();
-    let n_shared = shared_plans.len();
     let mut offsets = Vec::new();
     let mut at = n_shared;
-    for p in &version_plans {
-        offsets.push(at..at + p.len());
-        at += p.len();
+    for n in &version_lens {
+        offsets.push(at..at + n);
+        at += n;
     }
     let created = image::created(spec);
     let mut images: Vec<(String, Vec<LayerDesc>, Vec<String>)> = Vec::new();
@@ -267,6 +268,17 @@ pub async fn build(spec: &Spec, opts: &BuildOptions) -> Result<Report, BuildErro
         blobs.push(BlobSource::Cache { digest: o.record.toc_digest.clone(), size: o.record.toc_size });
     }
     let stats = publisher.push_blobs(blobs).await?;
+    // Hard-linking a cache blob into a layout changes its ctime: re-record the stat of the
+    // blobs verified in this run so the next run need not rehash them.
+    for o in &outcomes {
+        if let Ok(now) = BlobStat::of(&cache.blob_path(&o.record.digest)) {
+            if now != o.record.blob_stat {
+                let mut r = o.record.clone();
+                r.blob_stat = now;
+                cache.save_layer(&r)?;
+            }
+        }
+    }
 
     let versions_label = spec.versions.iter().map(|v| v.name.clone()).collect::<Vec<_>>().join(",");
     let mut manifests = Vec::new();

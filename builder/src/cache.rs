@@ -4,7 +4,8 @@
 //! <cache>/oci-layout, index.json   the blob store is an OCI layout (handy for inspection)
 //! <cache>/blobs/sha256/<hex>       compressed layers and tables of contents
 //! <cache>/layers/<key>.json        content key -> layer record (digests, sizes, TOC)
-//! <cache>/slots/<hash>.json        per layer slot: each file's lstat facts and sha256
+//! <cache>/slots/<hash>.json        per layer slot: state digest and last content key
+//! <cache>/slots/<hash>.files.json  per layer slot: each file's lstat facts and sha256
 //! <cache>/pushed/<host>-<digest>    the registry repository a blob was last pushed to
 //! ```
 //!
@@ -86,9 +87,9 @@ pub struct SlotRecord {
     pub slot: String,
     pub source: PathBuf,
     pub params: Digest,
-    /// Digest of the slot's listing (paths, kinds, sizes, link targets) when recorded.
-    pub listing: Digest,
-    pub files: Vec<SlotFile>,
+    /// Digest of the slot's listing and every entry's lstat when recorded, if no entry
+    /// was racy then: equal state means the last key still holds, unread.
+    pub state: Option<Digest>,
     pub last_key: Option<Digest>,
 }
 
@@ -191,18 +192,24 @@ impl Cache {
         Ok(())
     }
 
-    fn slot_path(&self, slot: &str, source: &Path) -> PathBuf {
+    fn slot_path(&self, slot: &str, source: &Path, ext: &str) -> PathBuf {
         let id = Digest::of(format!("{slot}\0{}", source.display()).as_bytes());
-        self.root.join("slots").join(format!("{}.json", id.hex()))
+        self.root.join("slots").join(format!("{}.{ext}", id.hex()))
     }
 
     pub fn load_slot(&self, slot: &str, source: &Path, params: &Digest) -> Option<SlotRecord> {
-        let r: SlotRecord = self.read_sealed(&self.slot_path(slot, source))?;
+        let r: SlotRecord = self.read_sealed(&self.slot_path(slot, source, "json"))?;
         (r.slot == slot && r.source == source && &r.params == params).then_some(r)
     }
 
-    pub fn save_slot(&self, r: &SlotRecord) -> Result<(), CacheError> {
-        self.write_sealed(&self.slot_path(&r.slot, &r.source), r)
+    /// The per-file records of a slot (empty when missing or corrupt).
+    pub fn load_slot_files(&self, r: &SlotRecord) -> Vec<SlotFile> {
+        self.read_sealed(&self.slot_path(&r.slot, &r.source, "files.json")).unwrap_or_default()
+    }
+
+    pub fn save_slot(&self, r: &SlotRecord, files: &[SlotFile]) -> Result<(), CacheError> {
+        self.write_sealed(&self.slot_path(&r.slot, &r.source, "files.json"), &files)?;
+        self.write_sealed(&self.slot_path(&r.slot, &r.source, "json"), r)
     }
 
     /// A reusable layer for this key, with its blob and table of contents checked.

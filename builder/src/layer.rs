@@ -181,21 +181,24 @@ fn toc_of(items: &[Item], own: &Ownership, hashes: &HashMap<&str, Digest>) -> To
     Toc { media_type: media::TOC_MEDIA_TYPE.to_string(), entries }
 }
 
-/// Digest of what the layer lists, without file contents: two equal listings whose files
-/// all match their recorded lstat make the same layer.
-fn listing_digest(plan: &LayerPlan) -> Digest {
+/// Digest of what the layer lists and every entry's lstat facts (not file contents).
+fn state_digest(plan: &LayerPlan) -> Digest {
     let mut h = Hasher::new();
     h.update(plan.dest.as_bytes());
     for e in &plan.entries {
         h.update(b"\0");
         h.update(e.rel.as_bytes());
-        match &e.kind {
-            Kind::Dir => h.update(b"\0d"),
-            Kind::File { size, exec } => h.update(format!("\0f{size}{}", u8::from(*exec)).as_bytes()),
-            Kind::Symlink { target } => {
-                h.update(b"\0l");
-                h.update(target.as_bytes());
-            }
+        let st = &e.stat;
+        let mut b = [0u8; 44];
+        b[..8].copy_from_slice(&st.dev.to_le_bytes());
+        b[8..16].copy_from_slice(&st.ino.to_le_bytes());
+        b[16..24].copy_from_slice(&st.size.to_le_bytes());
+        b[24..32].copy_from_slice(&st.mtime_ns.to_le_bytes());
+        b[32..40].copy_from_slice(&st.ctime_ns.to_le_bytes());
+        b[40..44].copy_from_slice(&st.mode.to_le_bytes());
+        h.update(&b);
+        if let Kind::Symlink { target } = &e.kind {
+            h.update(target.as_bytes());
         }
     }
     h.finish().0
@@ -264,24 +267,12 @@ impl LayerBuilder<'_> {
         let started_ns = now_ns();
         let slot = plan.slot.as_str();
         let cache_err = |source| LayerError::Cache { slot: slot.to_string(), source };
-        let items = items(plan, self.ownership);
         let previous = self.cache.load_slot(slot, &plan.source, &self.params);
-        let mut hashes: HashMap<&str, Digest> = HashMap::new();
+        let state = state_digest(plan);
+        // Fast path: same listing and every entry's lstat as when last recorded: the last
+        // key still holds, and nothing is read.
         if let Some(prev) = &previous {
-            let known: HashMap<&str, &SlotFile> = prev.files.iter().map(|f| (f.rel.as_str(), f)).collect();
-            for e in &plan.entries {
-                if let Some(f) = known.get(e.rel.as_str()) {
-                    if f.stat == e.stat {
-                        hashes.insert(e.rel.as_str(), f.sha256.clone());
-                    }
-                }
-            }
-        }
-        let files: Vec<&Entry> = plan.entries.iter().filter(|e| matches!(e.kind, Kind::File { .. })).collect();
-        let listing = listing_digest(plan);
-        // Fast path: same listing, every file's lstat vouched for: the last key still holds.
-        if let Some(prev) = &previous {
-            if prev.listing == listing && files.iter().all(|e| hashes.contains_key(e.rel.as_str())) {
+            if prev.state.as_ref() == Some(&state) {
                 if let Some(record) = prev.last_key.as_ref().and_then(|k| self.cache.lookup_layer(k)) {
                     return Ok(LayerOutcome {
                         slot: slot.to_string(),
@@ -294,6 +285,20 @@ impl LayerBuilder<'_> {
                 }
             }
         }
+        let mut hashes: HashMap<&str, Digest> = HashMap::new();
+        if let Some(prev) = &previous {
+            let recorded = self.cache.load_slot_files(prev);
+            let known: HashMap<&str, &SlotFile> = recorded.iter().map(|f| (f.rel.as_str(), f)).collect();
+            for e in &plan.entries {
+                if let Some(f) = known.get(e.rel.as_str()) {
+                    if f.stat == e.stat {
+                        hashes.insert(e.rel.as_str(), f.sha256.clone());
+                    }
+                }
+            }
+        }
+        let items = items(plan, self.ownership);
+        let files: Vec<&Entry> = plan.entries.iter().filter(|e| matches!(e.kind, Kind::File { .. })).collect();
         let mut bytes_read = 0u64;
         if previous.is_some() || files.iter().all(|e| hashes.contains_key(e.rel.as_str())) {
             // Hash what the stat cache cannot vouch for, then try the content key.
@@ -307,7 +312,7 @@ impl LayerBuilder<'_> {
             let toc = toc_of(&items, self.ownership, &hashes);
             let key = content_key(&self.params, &toc.to_bytes());
             if let Some(record) = self.cache.lookup_layer(&key) {
-                self.save_slot(plan, &listing, &hashes, &record.key, started_ns).map_err(cache_err)?;
+                self.save_slot(plan, &state, &hashes, &record.key, started_ns).map_err(cache_err)?;
                 return Ok(LayerOutcome {
                     slot: slot.to_string(),
                     record,
@@ -361,7 +366,7 @@ impl LayerBuilder<'_> {
             blob_stat,
         };
         self.cache.save_layer(&record).map_err(cache_err)?;
-        self.save_slot(plan, &listing, &written, &key, started_ns).map_err(cache_err)?;
+        self.save_slot(plan, &state, &written, &key, started_ns).map_err(cache_err)?;
         Ok(LayerOutcome {
             slot: slot.to_string(),
             record,
@@ -375,27 +380,28 @@ impl LayerBuilder<'_> {
     fn save_slot(
         &self,
         plan: &LayerPlan,
-        listing: &Digest,
+        state: &Digest,
         hashes: &HashMap<&str, Digest>,
         key: &Digest,
         started_ns: i64,
     ) -> Result<(), CacheError> {
-        let files = plan
+        let settled = |e: &Entry| e.stat.mtime_ns < started_ns - RACY_NS && e.stat.ctime_ns < started_ns - RACY_NS;
+        let files: Vec<SlotFile> = plan
             .entries
             .iter()
-            .filter(|e| e.stat.mtime_ns < started_ns - RACY_NS && e.stat.ctime_ns < started_ns - RACY_NS)
+            .filter(|e| settled(e))
             .filter_map(|e| {
                 Some(SlotFile { rel: e.rel.clone(), stat: e.stat, sha256: hashes.get(e.rel.as_str())?.clone() })
             })
             .collect();
-        self.cache.save_slot(&SlotRecord {
+        let record = SlotRecord {
             slot: plan.slot.clone(),
             source: plan.source.clone(),
             params: self.params.clone(),
-            listing: listing.clone(),
-            files,
+            state: plan.entries.iter().all(settled).then(|| state.clone()),
             last_key: Some(key.clone()),
-        })
+        };
+        self.cache.save_slot(&record, &files)
     }
 }
 

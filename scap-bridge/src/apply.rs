@@ -1,0 +1,300 @@
+//! Making the new tree and swapping it in.
+//!
+//! The new tree is built beside the target, as `<parent>/.scap-bridge.<name>.new`, mode
+//! 0700 until it is complete. Everything in it is created by us, relative to directory
+//! descriptors: directories, hardlinks to unchanged live entries (checked to be the inode
+//! the plan chose), new symlinks, scap's regions, and — while the layers stream — the files
+//! to write (`O_CREAT|O_EXCL|O_NOFOLLOW`, mode and mtime set through the descriptor). Then
+//! directory modes and mtimes are set, and the new tree is exchanged with the live one in
+//! one `renameat2(RENAME_EXCHANGE)` (or renamed into place when there is none). The old
+//! tree, now under the temporary name, is removed. At no instant is the live tree anything
+//! but the old tree or the new one, and no inode visible in the live tree is ever written.
+//! A run killed at any point leaves at most the temporary tree, which the next run removes.
+
+use crate::error::{Error, Result};
+use crate::fsutil::{self, FsKind, Time};
+use crate::index::{IndexEntry, Sha};
+use crate::layer::Extract;
+use crate::path::{self, PathKey};
+use crate::plan::{Action, Plan};
+use crate::view::ContentRef;
+use rustix::fd::OwnedFd;
+use rustix::fs::RenameFlags;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The temporary name of the tree being built for target `name`.
+pub fn temp_name(name: &str) -> String {
+    format!(".scap-bridge.{name}.new")
+}
+
+/// Files sharing one content source (hardlinks in the image) are written once and linked.
+struct Group {
+    paths: Vec<String>,
+    mode: u32,
+    mtime: Time,
+    size: u64,
+    sha256: Sha,
+    done: bool,
+}
+
+pub struct Builder<'a> {
+    parent: &'a OwnedFd,
+    parent_path: &'a Path,
+    name: &'a str,
+    tmp: String,
+    root: OwnedFd,
+    live: Option<&'a OwnedFd>,
+    groups: HashMap<ContentRef, Group>,
+    /// Which layer [`Extract`] calls are for.
+    layer: u32,
+    dir_cache: Option<(String, OwnedFd)>,
+    pub bytes_written: u64,
+    pub files_written: u64,
+}
+
+fn io_at(base: &Path, rel: &str, what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    Error::io(if rel.is_empty() { base.to_path_buf() } else { base.join(rel) }, what)
+}
+
+impl<'a> Builder<'a> {
+    /// Remove what an interrupted run left and create the empty new tree.
+    pub fn start(parent: &'a OwnedFd, parent_path: &'a Path, name: &'a str, live: Option<&'a OwnedFd>) -> Result<Self> {
+        let tmp = temp_name(name);
+        let tmp_path = parent_path.join(&tmp);
+        fsutil::remove_tree_at(parent, &tmp).map_err(Error::io(&tmp_path, "cannot remove the leftover of an interrupted run"))?;
+        fsutil::mkdir_at(parent, &tmp).map_err(Error::io(&tmp_path, "cannot create the new tree"))?;
+        let root = fsutil::open_dir_beneath(parent, &tmp).map_err(Error::io(&tmp_path, "cannot open the new tree"))?;
+        Ok(Builder {
+            parent,
+            parent_path,
+            name,
+            tmp,
+            root,
+            live,
+            groups: HashMap::new(),
+            layer: 0,
+            dir_cache: None,
+            bytes_written: 0,
+            files_written: 0,
+        })
+    }
+
+    fn tmp_path(&self) -> PathBuf {
+        self.parent_path.join(&self.tmp)
+    }
+
+    /// Remove the unfinished new tree (after an error).
+    pub fn abandon(self) {
+        if let Err(e) = fsutil::remove_tree_at(self.parent, &self.tmp) {
+            tracing::warn!("{}: cannot remove the unfinished tree: {e}; the next run will", self.tmp_path().display());
+        }
+    }
+
+    /// Create directories, links, symlinks and carried-over entries; remember the writes.
+    pub fn skeleton(&mut self, plan: &Plan) -> Result<()> {
+        let tmp_path = self.tmp_path();
+        let live_path = self.parent_path.join(self.name);
+        let mut stack: Vec<(String, OwnedFd)> = Vec::new();
+        let mut live_dir: Option<(String, OwnedFd)> = None;
+        for (k, action) in &plan.actions {
+            let p = k.as_str();
+            if p.is_empty() {
+                continue;
+            }
+            let (parent, name) = (path::parent(p), path::file_name(p));
+            while stack.last().is_some_and(|(d, _)| d != parent) {
+                stack.pop();
+            }
+            let here: &OwnedFd = match stack.last() {
+                Some((_, fd)) => fd,
+                None if parent.is_empty() => &self.root,
+                None => return Err(Error::Usage(format!("internal: {p} planned before its parent"))),
+            };
+            let err = |what| io_at(&tmp_path, p, what);
+            let mut link_from_live = |ino: u64| -> Result<()> {
+                let live = self.live.ok_or_else(|| Error::Usage(format!("internal: {p} linked without a live tree")))?;
+                if live_dir.as_ref().is_none_or(|(d, _)| d != parent) {
+                    let fd = fsutil::open_dir_beneath(live, parent).map_err(io_at(&live_path, parent, "cannot open"))?;
+                    live_dir = Some((parent.to_string(), fd));
+                }
+                let Some((_, lfd)) = &live_dir else { return Ok(()) };
+                fsutil::link_at(lfd, name, here, name).map_err(err("cannot hardlink from the live tree"))?;
+                let st = fsutil::stat_at(here, name).map_err(err("cannot stat"))?;
+                if st.map(|s| s.ino) != Some(ino) {
+                    return Err(Error::Raced { path: live_path.join(p) });
+                }
+                Ok(())
+            };
+            match action {
+                Action::Dir { .. } => {
+                    fsutil::mkdir_at(here, name).map_err(err("cannot create directory"))?;
+                    let fd = fsutil::open_dir_beneath(here, name).map_err(err("cannot open directory"))?;
+                    stack.push((p.to_string(), fd));
+                }
+                Action::Carry(e) if e.stat.kind == FsKind::Dir => {
+                    fsutil::mkdir_at(here, name).map_err(err("cannot create directory"))?;
+                    let fd = fsutil::open_dir_beneath(here, name).map_err(err("cannot open directory"))?;
+                    stack.push((p.to_string(), fd));
+                }
+                Action::Link { ino } => link_from_live(*ino)?,
+                Action::Carry(e) => link_from_live(e.stat.ino)?,
+                Action::Symlink { target, mtime } => {
+                    fsutil::symlink_at(target, here, name).map_err(err("cannot create symlink"))?;
+                    fsutil::set_symlink_mtime_at(here, name, *mtime).map_err(err("cannot set mtime"))?;
+                }
+                Action::Write { src, mode, mtime, size, sha256 } => {
+                    let g = self.groups.entry(*src).or_insert_with(|| Group {
+                        paths: Vec::new(),
+                        mode: *mode,
+                        mtime: *mtime,
+                        size: *size,
+                        sha256: *sha256,
+                        done: false,
+                    });
+                    g.paths.push(p.to_string());
+                    g.mtime = g.mtime.max(*mtime);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Layers that still have content to deliver.
+    pub fn layers_needed(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.groups.iter().filter(|(_, g)| !g.done).map(|(k, _)| k.layer).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Direct the next [`Extract`] calls at layer `layer`.
+    pub fn for_layer(&mut self, layer: u32) -> &mut Self {
+        self.layer = layer;
+        self
+    }
+
+    fn dir_of(&mut self, p: &str) -> Result<&OwnedFd> {
+        let parent = path::parent(p);
+        if self.dir_cache.as_ref().is_none_or(|(d, _)| d != parent) {
+            let fd = fsutil::open_dir_beneath(&self.root, parent).map_err(io_at(&self.tmp_path(), parent, "cannot open"))?;
+            self.dir_cache = Some((parent.to_string(), fd));
+        }
+        match &self.dir_cache {
+            Some((_, fd)) => Ok(fd),
+            None => Err(Error::Usage("internal: no directory".into())),
+        }
+    }
+
+    fn create(&mut self, src: ContentRef) -> Result<Option<File>> {
+        let Some(first) = self.groups.get(&src).filter(|g| !g.done).map(|g| g.paths[0].clone()) else {
+            return Ok(None);
+        };
+        let tmp_path = self.tmp_path();
+        let dir = self.dir_of(&first)?;
+        let f = fsutil::create_file_at(dir, path::file_name(&first)).map_err(io_at(&tmp_path, &first, "cannot create file"))?;
+        Ok(Some(f))
+    }
+
+    fn complete(&mut self, src: ContentRef, file: File, sha256: &Sha) -> Result<()> {
+        let tmp_path = self.tmp_path();
+        let Some(g) = self.groups.get(&src) else { return Ok(()) };
+        let (paths, mode, mtime, size, want) = (g.paths.clone(), g.mode, g.mtime, g.size, g.sha256);
+        let first = &paths[0];
+        if &want != sha256 {
+            return Err(Error::Usage(format!("internal: {first} read with another sha256 than planned")));
+        }
+        fsutil::chmod_fd(&file, mode).map_err(io_at(&tmp_path, first, "cannot set mode"))?;
+        fsutil::set_mtime_fd(&file, mtime).map_err(io_at(&tmp_path, first, "cannot set mtime"))?;
+        drop(file);
+        for other in &paths[1..] {
+            let from = fsutil::open_dir_beneath(&self.root, path::parent(first)).map_err(io_at(&tmp_path, first, "cannot open"))?;
+            let to = self.dir_of(other)?;
+            fsutil::link_at(&from, path::file_name(first), to, path::file_name(other))
+                .map_err(io_at(&tmp_path, other, "cannot hardlink"))?;
+        }
+        self.bytes_written += size;
+        self.files_written += 1;
+        if let Some(g) = self.groups.get_mut(&src) {
+            g.done = true;
+        }
+        Ok(())
+    }
+
+    /// Write content the caller holds (layer [`ContentRef::INLINE`]).
+    pub fn write_inline(&mut self, seq: u32, bytes: &[u8]) -> Result<()> {
+        let src = ContentRef { layer: ContentRef::INLINE, seq };
+        let Some(mut f) = self.create(src)? else { return Ok(()) };
+        f.write_all(bytes).map_err(io_at(&self.tmp_path(), "", "cannot write"))?;
+        let sha: Sha = sha2::Sha256::digest(bytes).into();
+        self.complete(src, f, &sha)
+    }
+
+    /// Every planned write happened.
+    pub fn check_complete(&self) -> Result<()> {
+        match self.groups.values().find(|g| !g.done) {
+            None => Ok(()),
+            Some(g) => Err(Error::Usage(format!("internal: {} was never delivered by its layer", g.paths[0]))),
+        }
+    }
+
+    /// Set directory modes and mtimes (after everything inside them exists), deepest first.
+    pub fn finish_dirs(&mut self, plan: &Plan) -> Result<()> {
+        let tmp_path = self.tmp_path();
+        self.dir_cache = None;
+        for (k, a) in plan.actions.iter().rev() {
+            let (mode, mtime) = match a {
+                Action::Dir { mode, mtime } => (*mode, *mtime),
+                Action::Carry(e) if e.stat.kind == FsKind::Dir => (e.stat.mode, e.stat.mtime),
+                _ => continue,
+            };
+            let p = k.as_str();
+            let fd = if p.is_empty() {
+                None
+            } else {
+                Some(fsutil::open_dir_beneath(&self.root, p).map_err(io_at(&tmp_path, p, "cannot open"))?)
+            };
+            let fd = fd.as_ref().unwrap_or(&self.root);
+            // Keep a setgid bit the directory inherited from its parent (group ownership).
+            let inherited = fsutil::stat_fd(fd).map(|s| s.mode & 0o2000).unwrap_or(0);
+            fsutil::chmod_fd(fd, (mode & 0o777) | inherited).map_err(io_at(&tmp_path, p, "cannot set mode"))?;
+            fsutil::set_mtime_fd(fd, mtime).map_err(io_at(&tmp_path, p, "cannot set mtime"))?;
+        }
+        Ok(())
+    }
+
+    /// Put the new tree in place: exchange with the live one, then remove the old tree.
+    pub fn swap(self, live_exists: bool) -> Result<()> {
+        let target = self.parent_path.join(self.name);
+        if live_exists {
+            rustix::fs::renameat_with(self.parent, &self.tmp, self.parent, self.name, RenameFlags::EXCHANGE)
+                .map_err(|e| Error::io(&target, "cannot exchange the new tree with the live one")(e.into()))?;
+            // The old tree is now under the temporary name.
+            if let Err(e) = fsutil::remove_tree_at(self.parent, &self.tmp) {
+                tracing::warn!("{}: cannot remove the old tree: {e}; the next run will", self.tmp_path().display());
+            }
+        } else {
+            rustix::fs::renameat_with(self.parent, &self.tmp, self.parent, self.name, RenameFlags::NOREPLACE)
+                .map_err(|e| Error::io(&target, "cannot move the new tree into place")(e.into()))?;
+        }
+        Ok(())
+    }
+}
+
+use sha2::Digest as _;
+
+impl Extract for Builder<'_> {
+    fn open(&mut self, seq: u32, _entry: &IndexEntry) -> Result<Option<File>> {
+        self.create(ContentRef { layer: self.layer, seq })
+    }
+    fn done(&mut self, seq: u32, file: File, sha256: &Sha) -> Result<()> {
+        self.complete(ContentRef { layer: self.layer, seq }, file, sha256)
+    }
+}
+
+/// The key of `p` for lookups in a plan.
+pub fn key(p: &str) -> PathKey {
+    PathKey::new(p)
+}
