@@ -117,7 +117,7 @@ def main():
         with open(dspec, "w") as f:
             f.write('[base]\nimage = "scratch"\n[[versions]]\nname = "debian"\nsource = "%s"\n'
                     '[layers]\nexclude = [".git", "cache/l10n/upstream"]\n'
-                    'split = [{ path = "vendor" }, { path = "extensions-core", bins = 4 }, { path = "skins" }, { path = "languages" }, { path = "resources" }]\n'
+                    'split = [{ path = "includes" }, { path = "vendor" }, { path = "extensions-core", bins = 4 }, { path = "skins" }, { path = "languages", bins = 4 }, { path = "resources" }]\n'
                     '[ownership]\nsymlinks = "any"\n' % copy)
         results.append(bench_tree("Debian mediawiki", dspec, copy, mwbuild, mwfixture, os.path.join(work, "w2"), a.repeat, cores))
 
