@@ -217,7 +217,8 @@ pub async fn build(spec: &Spec, opts: &BuildOptions) -> Result<Report, BuildErro
     let t_layers = Instant::now();
     let n_shared = shared_plans.len();
     let version_lens: Vec<usize> = version_plans.iter().map(Vec::len).collect();
-    let all_plans: Arc<Vec<LayerPlan>> = Arc::new(shared_plans.into_iter().chain(version_plans.into_iter().flatten()).collect());
+    let all_plans: Arc<Vec<LayerPlan>> =
+        Arc::new(shared_plans.into_iter().chain(version_plans.into_iter().flatten()).collect());
     let total_bytes: u64 = all_plans.iter().map(LayerPlan::file_bytes).sum();
     let pb = progress_bar(opts.progress, total_bytes);
     pb.set_message("layers");

@@ -186,8 +186,10 @@ pub async fn diff(a: &ImageRef, b: &ImageRef, opts: &ClientOptions) -> Result<Di
     let (ia, va) = file_view(&sa, a).await?;
     let (ib, mut vb) = file_view(&sb, b).await?;
     // Two single-version images of different versions: compare php-A with php-B.
+    let mut renamed = None;
     if let (Some(x), Some(y)) = (label(&ia, LABEL_VERSIONS), label(&ib, LABEL_VERSIONS)) {
         if x != y && !x.contains(',') && !y.contains(',') {
+            renamed = Some((format!("php-{x}"), format!("php-{x} -> php-{y}")));
             let (from, to) = (format!("/php-{y}/"), format!("/php-{x}/"));
             let (from_end, to_end) = (format!("/php-{y}"), format!("/php-{x}"));
             vb = vb
@@ -217,6 +219,11 @@ pub async fn diff(a: &ImageRef, b: &ImageRef, opts: &ClientOptions) -> Result<Di
     for p in vb.keys() {
         if !va.contains_key(p) {
             d.sections.entry(section(p)).or_default().added.push(p.clone());
+        }
+    }
+    if let Some((from, to)) = renamed {
+        if let Some(c) = d.sections.remove(&from) {
+            d.sections.insert(to, c);
         }
     }
     Ok(d)

@@ -504,3 +504,34 @@ fn rebase_swaps_only_base_layers() -> R {
     assert_eq!(&after[1..], &before[1..], "MediaWiki layers changed");
     Ok(())
 }
+
+#[test]
+fn diff_between_versions_matches_the_fixture_churn() -> R {
+    let tmp = tempfile::tempdir()?;
+    let t = train(tmp.path(), 2)?;
+    let spec = Spec::load(&t.spec)?;
+    let out = tmp.path().join("out");
+    run_build(&spec, &opts(&out, &tmp.path().join("cache"), 2))?;
+    let (v5, v6) = (&t.versions[0], &t.versions[1]);
+    let a: ImageRef = format!("oci:{}:{v5}", out.display()).parse()?;
+    let b: ImageRef = format!("oci:{}:{v6}", out.display()).parse()?;
+    let d = rt().block_on(mwbuild::inspect::diff(&a, &b, &ClientOptions::default()))?;
+    let sec =
+        d.sections.get(&format!("php-{v5} -> php-{v6}")).ok_or_else(|| format!("sections: {:?}", d.sections.keys()))?;
+    let prefix = format!("srv/mediawiki/php-{v5}/");
+    let strip =
+        |v: &Vec<String>| -> BTreeSet<String> { v.iter().map(|p| p.trim_start_matches(&prefix).to_string()).collect() };
+    let in_image = |p: &PathBuf| {
+        let s = p.to_string_lossy();
+        !(s.starts_with(".git/") || s.starts_with("cache/l10n/upstream/"))
+    };
+    let want = |v: &Vec<PathBuf>| -> BTreeSet<String> {
+        v.iter().filter(|p| in_image(p)).map(|p| p.to_string_lossy().to_string()).collect()
+    };
+    let churn = &t.churn[0];
+    assert_eq!(strip(&sec.changed), want(&churn.changed));
+    assert_eq!(strip(&sec.added), want(&churn.added));
+    assert_eq!(strip(&sec.removed), want(&churn.removed));
+    assert!(!sec.changed.is_empty());
+    Ok(())
+}
