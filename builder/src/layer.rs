@@ -181,6 +181,11 @@ fn toc_of(items: &[Item], own: &Ownership, hashes: &HashMap<&str, Digest>) -> To
     Toc { media_type: media::TOC_MEDIA_TYPE.to_string(), entries }
 }
 
+/// Modified too recently for its lstat to vouch for its content (racy-clean rule).
+fn racy(e: &Entry, now_ns: i64) -> bool {
+    e.stat.mtime_ns >= now_ns - RACY_NS || e.stat.ctime_ns >= now_ns - RACY_NS
+}
+
 /// Digest of what the layer lists and every entry's lstat facts (not file contents).
 fn state_digest(plan: &LayerPlan) -> Digest {
     let mut h = Hasher::new();
@@ -338,9 +343,29 @@ impl LayerBuilder<'_> {
                 Item::File { path, mode, entry } => {
                     let src = plan.source.join(&entry.rel);
                     let f = open_checked(slot, &src, entry)?;
-                    let d = w.file(path, *mode, entry.stat.size, f, &src.to_string_lossy()).map_err(tar_err)?;
+                    // A file hashed moments ago (or vouched for by its lstat) is not hashed
+                    // again unless it is racy; its lstat after the copy proves it unchanged.
+                    let known = hashes.get(entry.rel.as_str()).filter(|_| !racy(entry, started_ns));
+                    let got = w
+                        .file(path, *mode, entry.stat.size, &f, &src.to_string_lossy(), known.is_none())
+                        .map_err(tar_err)?;
                     bytes_read += entry.stat.size;
-                    if hashes.get(entry.rel.as_str()).is_some_and(|h| h != &d) {
+                    let after = f.metadata().map_err(|source| LayerError::Read {
+                        slot: slot.to_string(),
+                        path: src.clone(),
+                        source,
+                    })?;
+                    let still = after.mtime() * 1_000_000_000 + after.mtime_nsec() == entry.stat.mtime_ns
+                        && after.ctime() * 1_000_000_000 + after.ctime_nsec() == entry.stat.ctime_ns;
+                    let d = match (got, known) {
+                        (Some(d), Some(k)) if &d != k => {
+                            return Err(LayerError::Changed { slot: slot.to_string(), path: src })
+                        }
+                        (Some(d), _) => d,
+                        (None, Some(k)) => k.clone(),
+                        (None, None) => return Err(LayerError::Changed { slot: slot.to_string(), path: src }),
+                    };
+                    if !still {
                         return Err(LayerError::Changed { slot: slot.to_string(), path: src });
                     }
                     written.insert(entry.rel.as_str(), d);
@@ -385,7 +410,7 @@ impl LayerBuilder<'_> {
         key: &Digest,
         started_ns: i64,
     ) -> Result<(), CacheError> {
-        let settled = |e: &Entry| e.stat.mtime_ns < started_ns - RACY_NS && e.stat.ctime_ns < started_ns - RACY_NS;
+        let settled = |e: &Entry| !racy(e, started_ns);
         let files: Vec<SlotFile> = plan
             .entries
             .iter()

@@ -131,7 +131,8 @@ impl<W: Write> TarWriter<W> {
     }
 
     /// Write a regular file of exactly `size` bytes read from `r`, returning the content
-    /// digest. A reader yielding fewer or more bytes is an error (the file changed).
+    /// digest when asked to hash. A reader yielding fewer or more bytes is an error (the
+    /// file changed).
     pub fn file(
         &mut self,
         path: &str,
@@ -139,9 +140,10 @@ impl<W: Write> TarWriter<W> {
         size: u64,
         mut r: impl Read,
         source: &str,
-    ) -> Result<Digest, TarError> {
+        hash: bool,
+    ) -> Result<Option<Digest>, TarError> {
         self.header(path, b'0', mode, size, "")?;
-        let mut h = Hasher::new();
+        let mut h = hash.then(Hasher::new);
         let mut left = size;
         loop {
             let want = if left == 0 { 1 } else { self.buf.len().min(usize::try_from(left).unwrap_or(usize::MAX)) };
@@ -159,12 +161,14 @@ impl<W: Write> TarWriter<W> {
             if left == 0 {
                 return Err(TarError::Changed { path: source.to_string(), expected: size });
             }
-            h.update(&self.buf[..n]);
+            if let Some(h) = h.as_mut() {
+                h.update(&self.buf[..n]);
+            }
             self.out.write_all(&self.buf[..n]).map_err(TarError::Write)?;
             left -= n as u64;
         }
         self.pad(size)?;
-        Ok(h.finish().0)
+        Ok(h.map(|h| h.finish().0))
     }
 
     /// Write the end-of-archive marker and hand back the sink.
@@ -198,11 +202,11 @@ mod tests {
         let long = format!("srv/{}/ñandú-{}.php", "d".repeat(120), "n".repeat(80));
         let target = format!("../{}", "t".repeat(150));
         w.dir("srv", 0o755)?;
-        w.file(&long, 0o644, 5, &b"hello"[..], "src")?;
+        w.file(&long, 0o644, 5, &b"hello"[..], "src", true)?;
         w.symlink("srv/link", &target)?;
-        assert!(matches!(w.file("srv/short", 0o644, 5, &b"hell"[..], "src"), Err(TarError::Changed { .. })));
+        assert!(matches!(w.file("srv/short", 0o644, 5, &b"hell"[..], "src", true), Err(TarError::Changed { .. })));
         let mut w2 = TarWriter::new(Vec::new(), fixed);
-        assert!(matches!(w2.file("srv/long", 0o644, 3, &b"hello"[..], "src"), Err(TarError::Changed { .. })));
+        assert!(matches!(w2.file("srv/long", 0o644, 3, &b"hello"[..], "src", false), Err(TarError::Changed { .. })));
         let bytes = w.finish()?;
         let mut a = tar::Archive::new(&bytes[..]);
         let mut seen = Vec::new();
