@@ -15,11 +15,12 @@ use crate::error::{Error, Result};
 use crate::fsutil::{self, FsKind, Time};
 use crate::index::{IndexEntry, Sha};
 use crate::layer::Extract;
-use crate::path::{self, PathKey};
+use crate::path;
 use crate::plan::{Action, Plan};
 use crate::view::ContentRef;
 use rustix::fd::OwnedFd;
 use rustix::fs::RenameFlags;
+use sha2::Digest as _;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
@@ -64,7 +65,8 @@ impl<'a> Builder<'a> {
     pub fn start(parent: &'a OwnedFd, parent_path: &'a Path, name: &'a str, live: Option<&'a OwnedFd>) -> Result<Self> {
         let tmp = temp_name(name);
         let tmp_path = parent_path.join(&tmp);
-        fsutil::remove_tree_at(parent, &tmp).map_err(Error::io(&tmp_path, "cannot remove the leftover of an interrupted run"))?;
+        fsutil::remove_tree_at(parent, &tmp)
+            .map_err(Error::io(&tmp_path, "cannot remove the leftover of an interrupted run"))?;
         fsutil::mkdir_at(parent, &tmp).map_err(Error::io(&tmp_path, "cannot create the new tree"))?;
         let root = fsutil::open_dir_beneath(parent, &tmp).map_err(Error::io(&tmp_path, "cannot open the new tree"))?;
         Ok(Builder {
@@ -99,6 +101,7 @@ impl<'a> Builder<'a> {
         let live_path = self.parent_path.join(self.name);
         let mut stack: Vec<(String, OwnedFd)> = Vec::new();
         let mut live_dir: Option<(String, OwnedFd)> = None;
+        let mut copied = 0u64;
         for (k, action) in &plan.actions {
             let p = k.as_str();
             if p.is_empty() {
@@ -115,18 +118,30 @@ impl<'a> Builder<'a> {
             };
             let err = |what| io_at(&tmp_path, p, what);
             let mut link_from_live = |ino: u64| -> Result<()> {
-                let live = self.live.ok_or_else(|| Error::Usage(format!("internal: {p} linked without a live tree")))?;
+                let live =
+                    self.live.ok_or_else(|| Error::Usage(format!("internal: {p} linked without a live tree")))?;
                 if live_dir.as_ref().is_none_or(|(d, _)| d != parent) {
-                    let fd = fsutil::open_dir_beneath(live, parent).map_err(io_at(&live_path, parent, "cannot open"))?;
+                    let fd =
+                        fsutil::open_dir_beneath(live, parent).map_err(io_at(&live_path, parent, "cannot open"))?;
                     live_dir = Some((parent.to_string(), fd));
                 }
                 let Some((_, lfd)) = &live_dir else { return Ok(()) };
-                fsutil::link_at(lfd, name, here, name).map_err(err("cannot hardlink from the live tree"))?;
-                let st = fsutil::stat_at(here, name).map_err(err("cannot stat"))?;
-                if st.map(|s| s.ino) != Some(ino) {
-                    return Err(Error::Raced { path: live_path.join(p) });
+                match fsutil::link_at(lfd, name, here, name) {
+                    Ok(()) => {
+                        let st = fsutil::stat_at(here, name).map_err(err("cannot stat"))?;
+                        if st.map(|s| s.ino) != Some(ino) {
+                            return Err(Error::Raced { path: live_path.join(p) });
+                        }
+                        Ok(())
+                    }
+                    // fs.protected_hardlinks: another deployer's file we may not link.
+                    Err(e) if e.raw_os_error() == Some(rustix::io::Errno::PERM.raw_os_error()) => {
+                        let n = copy_entry(lfd, here, name, ino).map_err(err("cannot copy from the live tree"))?;
+                        copied += n;
+                        Ok(())
+                    }
+                    Err(e) => Err(err("cannot hardlink from the live tree")(e)),
                 }
-                Ok(())
             };
             match action {
                 Action::Dir { .. } => {
@@ -159,6 +174,7 @@ impl<'a> Builder<'a> {
                 }
             }
         }
+        self.bytes_written += copied;
         Ok(())
     }
 
@@ -179,7 +195,8 @@ impl<'a> Builder<'a> {
     fn dir_of(&mut self, p: &str) -> Result<&OwnedFd> {
         let parent = path::parent(p);
         if self.dir_cache.as_ref().is_none_or(|(d, _)| d != parent) {
-            let fd = fsutil::open_dir_beneath(&self.root, parent).map_err(io_at(&self.tmp_path(), parent, "cannot open"))?;
+            let fd =
+                fsutil::open_dir_beneath(&self.root, parent).map_err(io_at(&self.tmp_path(), parent, "cannot open"))?;
             self.dir_cache = Some((parent.to_string(), fd));
         }
         match &self.dir_cache {
@@ -194,7 +211,11 @@ impl<'a> Builder<'a> {
         };
         let tmp_path = self.tmp_path();
         let dir = self.dir_of(&first)?;
-        let f = fsutil::create_file_at(dir, path::file_name(&first)).map_err(io_at(&tmp_path, &first, "cannot create file"))?;
+        let f = fsutil::create_file_at(dir, path::file_name(&first)).map_err(io_at(
+            &tmp_path,
+            &first,
+            "cannot create file",
+        ))?;
         Ok(Some(f))
     }
 
@@ -210,10 +231,17 @@ impl<'a> Builder<'a> {
         fsutil::set_mtime_fd(&file, mtime).map_err(io_at(&tmp_path, first, "cannot set mtime"))?;
         drop(file);
         for other in &paths[1..] {
-            let from = fsutil::open_dir_beneath(&self.root, path::parent(first)).map_err(io_at(&tmp_path, first, "cannot open"))?;
+            let from = fsutil::open_dir_beneath(&self.root, path::parent(first)).map_err(io_at(
+                &tmp_path,
+                first,
+                "cannot open",
+            ))?;
             let to = self.dir_of(other)?;
-            fsutil::link_at(&from, path::file_name(first), to, path::file_name(other))
-                .map_err(io_at(&tmp_path, other, "cannot hardlink"))?;
+            fsutil::link_at(&from, path::file_name(first), to, path::file_name(other)).map_err(io_at(
+                &tmp_path,
+                other,
+                "cannot hardlink",
+            ))?;
         }
         self.bytes_written += size;
         self.files_written += 1;
@@ -283,8 +311,6 @@ impl<'a> Builder<'a> {
     }
 }
 
-use sha2::Digest as _;
-
 impl Extract for Builder<'_> {
     fn open(&mut self, seq: u32, _entry: &IndexEntry) -> Result<Option<File>> {
         self.create(ContentRef { layer: self.layer, seq })
@@ -294,7 +320,25 @@ impl Extract for Builder<'_> {
     }
 }
 
-/// The key of `p` for lookups in a plan.
-pub fn key(p: &str) -> PathKey {
-    PathKey::new(p)
+/// Copy the unchanged live entry `name` (inode `ino`) into `to` as a new inode with the same
+/// content, mode and mtime — for when the kernel refuses to hardlink it. Returns the bytes.
+fn copy_entry(from: &OwnedFd, to: &OwnedFd, name: &str, ino: u64) -> std::io::Result<u64> {
+    let st = fsutil::stat_at(from, name)?.ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))?;
+    if st.ino != ino {
+        return Err(std::io::Error::other("the live entry changed while being read"));
+    }
+    if st.kind == FsKind::Symlink {
+        fsutil::symlink_at(&fsutil::read_link_at(from, name)?, to, name)?;
+        fsutil::set_symlink_mtime_at(to, name, st.mtime)?;
+        return Ok(0);
+    }
+    let mut src = fsutil::open_file_at(from, name)?;
+    if fsutil::stat_fd(&src)?.ino != ino {
+        return Err(std::io::Error::other("the live entry changed while being read"));
+    }
+    let mut dst = fsutil::create_file_at(to, name)?;
+    let n = std::io::copy(&mut src, &mut dst)?;
+    fsutil::chmod_fd(&dst, st.mode & 0o777)?;
+    fsutil::set_mtime_fd(&dst, st.mtime)?;
+    Ok(n)
 }

@@ -197,13 +197,19 @@ fn version_subpath(root: &str, version: &str) -> Result<String> {
 impl ImageArgs {
     fn options(&self, subpath: String, symlinks: SymlinkPolicy) -> Result<ImageOptions> {
         let image = self.image.parse().map_err(|e: oci_core::RefError| Error::Usage(e.to_string()))?;
-        let registry = ClientOptions { insecure: self.insecure, auth_file: self.auth_file.clone(), ..ClientOptions::default() };
+        let registry =
+            ClientOptions { insecure: self.insecure, auth_file: self.auth_file.clone(), ..ClientOptions::default() };
         Ok(ImageOptions {
             image,
             platform: self.platform.clone(),
             registry,
             state_dir: self.state_dir.clone().unwrap_or_else(crate::state::default_dir),
-            limits: Limits { max_layer_bytes: self.max_layer_bytes, max_ratio: self.max_ratio, max_entries: self.max_entries, ..Limits::default() },
+            limits: Limits {
+                max_layer_bytes: self.max_layer_bytes,
+                max_ratio: self.max_ratio,
+                max_entries: self.max_entries,
+                ..Limits::default()
+            },
             max_total_bytes: self.max_total_bytes,
             symlinks,
             subpath,
@@ -256,8 +262,14 @@ impl VerifyArgs {
             (None, None) => (String::new(), false),
             (Some(_), Some(_)) => return Err(Error::Usage("give --version or --subpath, not both".into())),
         };
-        let modes = if staging { self.modes.modes(ModePolicy::Umask, 0o002) } else { self.modes.modes(ModePolicy::Image, 0) };
-        Ok(VerifyOptions { image: self.image.options(subpath, SymlinkPolicy::Any)?, dir: self.dir.clone(), modes, staging })
+        let modes =
+            if staging { self.modes.modes(ModePolicy::Umask, 0o002) } else { self.modes.modes(ModePolicy::Image, 0) };
+        Ok(VerifyOptions {
+            image: self.image.options(subpath, SymlinkPolicy::Any)?,
+            dir: self.dir.clone(),
+            modes,
+            staging,
+        })
     }
 }
 
@@ -271,7 +283,13 @@ fn print_summary(s: &Summary, json: bool, quiet: bool) {
     }
     let c = &s.counts;
     if s.nothing_to_do {
-        println!("{}: already up to date with {} ({} files unchanged); wrote 0 bytes in {:.2} s", s.target.display(), s.manifest_digest, c.unchanged, s.seconds);
+        println!(
+            "{}: already up to date with {} ({} files unchanged); wrote 0 bytes in {:.2} s",
+            s.target.display(),
+            s.manifest_digest,
+            c.unchanged,
+            s.seconds
+        );
         return;
     }
     println!(
@@ -298,6 +316,11 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
             print_summary(&s, cli.json, cli.quiet);
         }
         Command::Unpack(a) => {
+            // Like umoci: the directory's parents are created (the directory itself is
+            // created, or replaced, atomically by the engine).
+            if let Some(parent) = std::path::absolute(&a.dir).ok().as_deref().and_then(std::path::Path::parent) {
+                std::fs::create_dir_all(parent).map_err(Error::io(parent, "cannot create"))?;
+            }
             let s = engine::apply(&a.options()?)?;
             print_summary(&s, cli.json, cli.quiet);
         }
@@ -330,7 +353,8 @@ mod tests {
 
     #[test]
     fn prep_defaults_and_paths() -> Result<()> {
-        let cli = parse(&["prep", "oci:/tmp/x:1.43.0-wmf.5", "--version", "1.43.0-wmf.5"]).map_err(|e| Error::Usage(e.to_string()))?;
+        let cli = parse(&["prep", "oci:/tmp/x:1.43.0-wmf.5", "--version", "1.43.0-wmf.5"])
+            .map_err(|e| Error::Usage(e.to_string()))?;
         let Command::Prep(a) = cli.command else { return Err(Error::Usage("not prep".into())) };
         let o = a.options()?;
         assert_eq!(o.image.subpath, "srv/mediawiki/php-1.43.0-wmf.5");
@@ -343,10 +367,12 @@ mod tests {
 
     #[test]
     fn bad_arguments_are_refused() {
-        assert!(parse(&["prep", "oci:/x", "--version", "../etc"]).map(|c| match c.command {
-            Command::Prep(a) => a.options().is_err(),
-            _ => false,
-        }).unwrap_or(true));
+        assert!(parse(&["prep", "oci:/x", "--version", "../etc"])
+            .map(|c| match c.command {
+                Command::Prep(a) => a.options().is_err(),
+                _ => false,
+            })
+            .unwrap_or(true));
         assert!(parse(&["unpack", "oci:/x", "/d", "--umask", "9"]).is_err());
         assert_eq!(parse_bytes("64G"), Ok(64 << 30));
         assert_eq!(parse_bytes("12"), Ok(12));

@@ -96,7 +96,13 @@ fn split_target(target: &Path) -> Result<(PathBuf, String)> {
 
 /// Get an index for every layer, reading (and verifying) the layers that have neither a
 /// cached index nor, when `use_tocs`, a table of contents.
-pub(crate) fn index_layers(src: &Source, img: &ResolvedImage, o: &ImageOptions, state: &StateDir, use_tocs: bool) -> Result<Indexed> {
+pub(crate) fn index_layers(
+    src: &Source,
+    img: &ResolvedImage,
+    o: &ImageOptions,
+    state: &StateDir,
+    use_tocs: bool,
+) -> Result<Indexed> {
     let mut out = Indexed { indexes: Vec::new(), verified: Vec::new(), layers_read: 0, bytes_read: 0 };
     for (i, l) in img.layers.iter().enumerate() {
         if let Some(idx) = state.load_layer(&l.digest).filter(|x| x.diff_id == l.diff_id) {
@@ -107,8 +113,11 @@ pub(crate) fn index_layers(src: &Source, img: &ResolvedImage, o: &ImageOptions, 
         if use_tocs {
             if let Some((d, size)) = &l.toc {
                 let bytes = src.toc(d, *size)?;
-                let toc = index::from_toc(&bytes, &l.diff_id)
-                    .map_err(|what| Error::Layer { layer: i, digest: l.digest.clone(), what })?;
+                let toc = index::from_toc(&bytes, &l.diff_id).map_err(|what| Error::Layer {
+                    layer: i,
+                    digest: l.digest.clone(),
+                    what,
+                })?;
                 if let Some(idx) = toc {
                     out.indexes.push(idx);
                     out.verified.push(false);
@@ -171,13 +180,10 @@ fn unchanged_since(ts: &TreeState, live: &BTreeMap<PathKey, DiskEntry>, regions:
         n += 1;
         let Some(r) = ts.entries.get(k) else { return false };
         let (a, b) = (&r.stat, &e.stat);
-        let same = a.kind == b.kind
-            && a.mode == b.mode
-            && a.size == b.size
-            && a.dev == b.dev
-            && a.ino == b.ino
-            && a.mtime == b.mtime
-            && a.ctime == b.ctime;
+        // A directory's times move whenever scap writes into it (cache/l10n); added and
+        // removed names are caught by comparing the listings.
+        let times = a.kind == FsKind::Dir || (a.size == b.size && a.mtime == b.mtime && a.ctime == b.ctime);
+        let same = a.kind == b.kind && a.mode == b.mode && a.dev == b.dev && a.ino == b.ino && times;
         if !same {
             return false;
         }
@@ -196,6 +202,7 @@ pub fn apply(o: &ApplyOptions) -> Result<Summary> {
     let src = Source::open(&o.image.image, &o.image.registry, &state.spool_dir().join(StateDir::key(&target)))?;
     src.clean_spool();
     let img = src.resolve(&o.image.platform)?;
+    tracing::debug!("{:?}: resolved {}", t0.elapsed(), img.manifest_digest);
     let mut summary = Summary {
         target: target.clone(),
         image: img.reference.clone(),
@@ -212,11 +219,19 @@ pub fn apply(o: &ApplyOptions) -> Result<Summary> {
         }
         Some(_) => return Err(Error::Usage(format!("{} exists and is not a directory", target.display()))),
     };
-    let live = match &live_root {
-        Some(fd) => Some(fsutil::scan_tree(fd, &|_| false).map_err(Error::io(&target, "cannot read the live tree"))?),
-        None => None,
-    };
-    let recorded = state.load_tree(&target);
+    // Our record is parsed while the live tree is scanned.
+    let (live, recorded) = std::thread::scope(|s| {
+        let loader = s.spawn(|| state.load_tree(&target));
+        let live = match &live_root {
+            Some(fd) => {
+                fsutil::scan_tree(fd, &|_| false).map(Some).map_err(Error::io(&target, "cannot read the live tree"))
+            }
+            None => Ok(None),
+        };
+        (live, loader.join().ok().flatten())
+    });
+    let live = live?;
+    tracing::debug!("{:?}: scanned the live tree, loaded the state", t0.elapsed());
     let fp = fingerprint(o);
     if let (Some(ts), Some(live)) = (&recorded, &live) {
         if ts.manifest == summary.manifest_digest && ts.fingerprint == fp && unchanged_since(ts, live, o.scap_regions) {
@@ -228,14 +243,26 @@ pub fn apply(o: &ApplyOptions) -> Result<Summary> {
         }
     }
 
-    let indexed = index_layers(&src, &img, &o.image, &state, true)?;
+    let mut indexed = index_layers(&src, &img, &o.image, &state, true)?;
+    tracing::debug!("{:?}: indexed {} layers", t0.elapsed(), indexed.indexes.len());
     let mut view = build_view(&img, &indexed, &o.image)?;
+    tracing::debug!("{:?}: built the view", t0.elapsed());
+    // Only the indexes still to be checked against their layers (TOCs) are needed now.
+    for (x, verified) in indexed.indexes.iter_mut().zip(&indexed.verified) {
+        if *verified {
+            x.entries = Vec::new();
+        }
+    }
     let prov_bytes = match &o.provenance {
         Some(version) => {
             let bytes = provenance::render(&img, version, &o.image.subpath);
             let sha: [u8; 32] = sha2::Sha256::digest(&bytes).into();
             let src_ref = ContentRef { layer: ContentRef::INLINE, seq: 0 };
-            let node = Node { kind: NodeKind::File { size: bytes.len() as u64, sha256: sha, src: src_ref }, mode: 0o644, layer: 0 };
+            let node = Node {
+                kind: NodeKind::File { size: bytes.len() as u64, sha256: sha, src: src_ref },
+                mode: 0o644,
+                layer: 0,
+            };
             view.nodes.insert(PathKey::new(PROVENANCE_FILE), node);
             Some(bytes)
         }
@@ -255,11 +282,13 @@ pub fn apply(o: &ApplyOptions) -> Result<Summary> {
         target: &target,
     })?;
     drop(live);
+    tracing::debug!("{:?}: planned {:?}", t0.elapsed(), plan.counts);
     summary.counts = plan.counts;
 
     let mut b = Builder::start(&parent, &parent_path, &name, live_root.as_ref())?;
     let built = (|| -> Result<(usize, Vec<(usize, LayerIndex)>)> {
         b.skeleton(&plan)?;
+        tracing::debug!("{:?}: built the skeleton", t0.elapsed());
         let needed = b.layers_needed();
         let mut read = Vec::new();
         let mut spent = indexed.bytes_read;
@@ -271,6 +300,7 @@ pub fn apply(o: &ApplyOptions) -> Result<Summary> {
             let expected = (!indexed.verified[i]).then(|| &indexed.indexes[i]);
             let (idx, n) = read_one(&src, i, l, expected, &o.image, spent, b.for_layer(li))?;
             spent += n;
+            tracing::debug!("{:?}: read layer {i}", t0.elapsed());
             read.push((i, idx));
         }
         if let Some(bytes) = &prov_bytes {
@@ -289,14 +319,21 @@ pub fn apply(o: &ApplyOptions) -> Result<Summary> {
     };
     summary.bytes_written = b.bytes_written;
     summary.files_written = b.files_written;
+    tracing::debug!("{:?}: finished the new tree", t0.elapsed());
     b.swap(live_root.is_some())?;
     drop(live_root);
+    tracing::debug!("{:?}: swapped, old tree removed", t0.elapsed());
     for (i, idx) in &read {
         state.save_layer(&img.layers[*i].digest, idx)?;
     }
     summary.layers_read = indexed.layers_read + n_read;
 
-    record(&state, &parent, &target, &name, &view, o, &summary.manifest_digest, &fp)?;
+    // The tree is in place: failing to record it only costs time on the next run.
+    if let Err(e) = record(&state, &parent, &target, &name, &view, o, &summary.manifest_digest, &fp) {
+        tracing::warn!("cannot record what was written ({e}); the next run will hash the tree");
+        let _ = state.forget_tree(&target);
+    }
+    tracing::debug!("{:?}: recorded the state", t0.elapsed());
     write_changed_list(o, &name, &plan.changed_paths)?;
     let keep: Vec<_> = img.layers.iter().map(|l| l.digest.clone()).collect();
     state.prune_layers(&keep, 30);
@@ -319,7 +356,8 @@ fn record(
 ) -> Result<()> {
     let root = fsutil::open_dir_beneath(parent, name).map_err(Error::io(target, "cannot open"))?;
     let regions = o.scap_regions;
-    let scanned = fsutil::scan_tree(&root, &|p| regions && in_scap_region(p)).map_err(Error::io(target, "cannot read"))?;
+    let scanned =
+        fsutil::scan_tree(&root, &|p| regions && in_scap_region(p)).map_err(Error::io(target, "cannot read"))?;
     let mut ts = TreeState { manifest: manifest.to_string(), fingerprint: fp.to_string(), entries: BTreeMap::new() };
     for (k, e) in scanned {
         if regions && in_scap_region(k.as_str()) {

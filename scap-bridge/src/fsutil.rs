@@ -7,15 +7,14 @@
 //! one land outside the root.
 
 use crate::path::PathKey;
-use rustix::fd::{AsFd, OwnedFd};
+use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, StatxFlags, Timespec, Timestamps};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
 use std::path::Path;
 
-const RESOLVE: ResolveFlags =
-    ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS).union(ResolveFlags::NO_MAGICLINKS);
+const RESOLVE: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS).union(ResolveFlags::NO_MAGICLINKS);
 
 /// A timestamp in seconds and nanoseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -175,10 +174,7 @@ pub fn chmod_fd(fd: impl AsFd, mode: u32) -> io::Result<()> {
 }
 
 fn stamps(mtime: Time) -> Timestamps {
-    Timestamps {
-        last_access: Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_OMIT },
-        last_modification: mtime.spec(),
-    }
+    Timestamps { last_access: Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_OMIT }, last_modification: mtime.spec() }
 }
 
 /// Set the mtime of an open file or directory (atime untouched).
@@ -200,21 +196,43 @@ pub fn unlink_at(dir: impl AsFd, name: &str) -> io::Result<()> {
 pub fn remove_tree_at(dir: impl AsFd, name: &str) -> io::Result<()> {
     let dir = dir.as_fd();
     let Some(st) = stat_at(dir, name)? else { return Ok(()) };
-    if st.kind != FsKind::Dir {
-        return match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
-            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
-            Err(e) => Err(e.into()),
-        };
+    if st.kind == FsKind::Dir {
+        remove_dir_at(dir, name)
+    } else {
+        remove_entry(dir, name, false)
     }
+}
+
+/// Unlink a non-directory; with `may_be_dir` (the type hint was unknown), a directory.
+fn remove_entry(dir: BorrowedFd<'_>, name: &str, may_be_dir: bool) -> io::Result<()> {
+    match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+        Err(rustix::io::Errno::ISDIR | rustix::io::Errno::PERM) if may_be_dir => remove_dir_at(dir, name),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn remove_dir_at(dir: BorrowedFd<'_>, name: &str) -> io::Result<()> {
+    let errno = |e: &io::Error, n: rustix::io::Errno| e.raw_os_error() == Some(n.raw_os_error());
     let sub = match open_dir_beneath(dir, name) {
         Ok(fd) => fd,
-        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOENT.raw_os_error()) => return Ok(()),
+        Err(e) if errno(&e, rustix::io::Errno::NOENT) => return Ok(()),
+        Err(e) if errno(&e, rustix::io::Errno::ACCESS) => {
+            // Mode 0 and the like: make it ours again (never through a symlink).
+            rustix::fs::chmodat(dir, name, Mode::from_raw_mode(0o700), AtFlags::SYMLINK_NOFOLLOW)?;
+            open_dir_beneath(dir, name)?
+        }
         Err(e) => return Err(e),
     };
-    // A directory we cannot list because its mode forbids it: make it ours again first.
-    let _ = chmod_fd(&sub, 0o700);
-    for (child, _) in list_dir(&sub)? {
-        remove_tree_at(&sub, &child)?;
+    // Read-only directories (0555 in many images) cannot be emptied until they are ours.
+    chmod_fd(&sub, 0o700)?;
+    let entries = list_dir(&sub)?;
+    for (child, ft) in entries {
+        if ft == rustix::fs::FileType::Directory {
+            remove_dir_at(sub.as_fd(), &child)?;
+        } else {
+            remove_entry(sub.as_fd(), &child, ft == rustix::fs::FileType::Unknown)?;
+        }
     }
     match rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR) {
         Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
@@ -225,8 +243,12 @@ pub fn remove_tree_at(dir: impl AsFd, name: &str) -> io::Result<()> {
 /// Names in a directory (without `.` and `..`), sorted by [`crate::path::cmp`], with the
 /// `d_type` hint.
 pub fn list_dir(dir: impl AsFd) -> io::Result<Vec<(String, rustix::fs::FileType)>> {
+    read_names(&mut rustix::fs::Dir::read_from(dir)?)
+}
+
+fn read_names(d: &mut rustix::fs::Dir) -> io::Result<Vec<(String, rustix::fs::FileType)>> {
     let mut out = Vec::new();
-    for e in rustix::fs::Dir::read_from(dir)? {
+    for e in d {
         let e = e?;
         let name = e.file_name().to_bytes();
         if name == b"." || name == b".." {
@@ -249,25 +271,37 @@ pub struct DiskEntry {
 }
 
 /// Every entry below `root` (the root itself as `""`), never following symlinks.
-/// Directories listed in `skip` (relative paths) are recorded but not descended into.
-pub fn scan_tree(root: &OwnedFd, skip: &dyn Fn(&str) -> bool) -> io::Result<BTreeMap<PathKey, DiskEntry>> {
-    let mut out = BTreeMap::new();
+/// Directories for which `skip` holds are recorded but not descended into. Subdirectories
+/// are scanned in parallel (the scan is bound by `statx` and `getdents` calls).
+pub fn scan_tree(root: &OwnedFd, skip: &(dyn Fn(&str) -> bool + Sync)) -> io::Result<BTreeMap<PathKey, DiskEntry>> {
+    let mut out: BTreeMap<PathKey, DiskEntry> =
+        scan_dir(root, String::new(), skip)?.into_iter().map(|(k, e)| (PathKey(k.into()), e)).collect();
     out.insert(PathKey::new(""), DiskEntry { stat: stat_fd(root)?, target: None });
-    // Paths, not descriptors, on the stack: a directory with thousands of subdirectories
-    // must not hold thousands of descriptors open.
-    let mut stack: Vec<String> = vec![String::new()];
-    while let Some(rel) = stack.pop() {
-        let fd = open_dir_beneath(root, &rel)?;
-        for (name, _) in list_dir(&fd)? {
-            let Some(stat) = stat_at(&fd, &name)? else { continue };
-            let p = crate::path::join(&rel, &name);
-            let target = if stat.kind == FsKind::Symlink { Some(read_link_at(&fd, &name)?) } else { None };
-            if stat.kind == FsKind::Dir && !skip(&p) {
-                stack.push(p.clone());
-            }
-            out.insert(PathKey::new(&p), DiskEntry { stat, target });
+    Ok(out)
+}
+
+fn scan_dir(root: &OwnedFd, rel: String, skip: &(dyn Fn(&str) -> bool + Sync)) -> io::Result<Vec<(String, DiskEntry)>> {
+    use rayon::prelude::*;
+    // Paths, not descriptors, are handed down: a directory with thousands of
+    // subdirectories must not hold thousands of descriptors open.
+    let mut dir = rustix::fs::Dir::new(open_dir_beneath(root, &rel)?)?;
+    let names = read_names(&mut dir)?;
+    let fd = dir.fd()?;
+    let mut out = Vec::with_capacity(names.len());
+    let mut subdirs = Vec::new();
+    for (name, _) in names {
+        let Some(stat) = stat_at(fd, &name)? else { continue };
+        let p = crate::path::join(&rel, &name);
+        let target = if stat.kind == FsKind::Symlink { Some(read_link_at(fd, &name)?) } else { None };
+        if stat.kind == FsKind::Dir && !skip(&p) {
+            subdirs.push(p.clone());
         }
+        out.push((p, DiskEntry { stat, target }));
     }
+    drop(dir);
+    let below: Vec<Vec<(String, DiskEntry)>> =
+        subdirs.into_par_iter().map(|d| scan_dir(root, d, skip)).collect::<io::Result<_>>()?;
+    out.extend(below.into_iter().flatten());
     Ok(out)
 }
 

@@ -125,7 +125,8 @@ pub async fn resolve(store: &Store, r: &ImageRef, platform: &str) -> Result<Reso
         ImageRef::Layout { reference, .. } | ImageRef::Registry { reference, .. } => reference.clone(),
     };
     let mut fetched = store.get_manifest(reference.as_ref()).await.map_err(store_err)?;
-    let mut doc = parse_doc(&fetched.bytes, &fetched.media_type).map_err(|w| bad(format!("{}: {w}", fetched.digest)))?;
+    let mut doc =
+        parse_doc(&fetched.bytes, &fetched.media_type).map_err(|w| bad(format!("{}: {w}", fetched.digest)))?;
     if let Some(manifests) = doc.manifests.take() {
         let matches = |d: &&Desc| {
             d.artifact_type.is_none()
@@ -141,15 +142,13 @@ pub async fn resolve(store: &Store, r: &ImageRef, platform: &str) -> Result<Reso
                 [one] if one.platform.is_none() && media::is_manifest(&one.media_type) => Some(one),
                 _ => None,
             })
-            .ok_or_else(|| bad(format!("index {} has no image for {platform}; choose one with --platform", fetched.digest)))?;
+            .ok_or_else(|| {
+                bad(format!("index {} has no image for {platform}; choose one with --platform", fetched.digest))
+            })?;
         let d: Digest = chosen.digest.parse().map_err(|e| bad(format!("index {}: {e}", fetched.digest)))?;
         let child = store.get_manifest(Some(&Reference::Digest(d.clone()))).await.map_err(store_err)?;
         if child.bytes.len() as u64 != chosen.size {
-            return Err(bad(format!(
-                "manifest {d} has {} bytes, the index says {}",
-                child.bytes.len(),
-                chosen.size
-            )));
+            return Err(bad(format!("manifest {d} has {} bytes, the index says {}", child.bytes.len(), chosen.size)));
         }
         let chosen_media_type = chosen.media_type.clone();
         doc = parse_doc(&child.bytes, &chosen.media_type).map_err(|w| bad(format!("{d}: {w}")))?;
@@ -167,7 +166,8 @@ pub async fn resolve(store: &Store, r: &ImageRef, platform: &str) -> Result<Reso
         return Err(bad(format!("manifest {} lacks config or layers", fetched.digest)));
     };
     let docker = kind == media::DOCKER_MANIFEST;
-    let config_ok = if docker { config.media_type == media::DOCKER_CONFIG } else { config.media_type == media::OCI_CONFIG };
+    let config_ok =
+        if docker { config.media_type == media::DOCKER_CONFIG } else { config.media_type == media::OCI_CONFIG };
     if !config_ok {
         return Err(bad(format!("config media type {:?} does not belong in a {kind} manifest", config.media_type)));
     }
@@ -197,7 +197,8 @@ pub async fn resolve(store: &Store, r: &ImageRef, platform: &str) -> Result<Reso
             .ok_or_else(|| bad(format!("layer {i} has unsupported media type {:?}", l.media_type)))?;
         let digest: Digest = l.digest.parse().map_err(|e| bad(format!("layer {i}: {e}")))?;
         let diff_id: Digest = diff.parse().map_err(|e| bad(format!("DiffID {i}: {e}")))?;
-        let toc = match (l.annotations.get(media::ANNOTATION_TOC_DIGEST), l.annotations.get(media::ANNOTATION_TOC_SIZE)) {
+        let toc = match (l.annotations.get(media::ANNOTATION_TOC_DIGEST), l.annotations.get(media::ANNOTATION_TOC_SIZE))
+        {
             (Some(d), Some(s)) => Some((
                 d.parse::<Digest>().map_err(|e| bad(format!("layer {i} TOC: {e}")))?,
                 s.parse::<u64>().map_err(|e| bad(format!("layer {i} TOC size: {e}")))?,
@@ -253,7 +254,8 @@ mod tests {
 
     #[test]
     fn confusion_is_refused() {
-        let both = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[],"layers":[]}"#;
+        let both =
+            br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[],"layers":[]}"#;
         assert!(parse_doc(both, media::OCI_INDEX).is_err());
         let m = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"x","digest":"d","size":1},"layers":[]}"#;
         assert!(parse_doc(m, media::OCI_INDEX).is_err());

@@ -19,10 +19,17 @@ pub type Sha = [u8; 32];
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EntryKind {
     Dir,
-    File { size: u64, sha256: Sha },
-    Symlink { target: String },
+    File {
+        size: u64,
+        sha256: Sha,
+    },
+    Symlink {
+        target: String,
+    },
     /// A hardlink to an earlier path (normalised).
-    Hardlink { target: String },
+    Hardlink {
+        target: String,
+    },
     /// A device node, FIFO or socket: refused wherever it would be extracted.
     Special(&'static str),
     /// A whiteout marker; the entry's path is the path it hides.
@@ -44,7 +51,9 @@ impl IndexEntry {
     /// The name as it appears in the layer (whiteout markers included).
     pub fn raw_name(&self) -> String {
         match self.kind {
-            EntryKind::Whiteout => path::join(path::parent(&self.path), &format!(".wh.{}", path::file_name(&self.path))),
+            EntryKind::Whiteout => {
+                path::join(path::parent(&self.path), &format!(".wh.{}", path::file_name(&self.path)))
+            }
             EntryKind::Opaque => path::join(&self.path, ".wh..wh..opq"),
             _ => self.path.clone(),
         }

@@ -48,9 +48,13 @@ const BUF: usize = 256 * 1024;
 /// Read, verify and index a layer, extracting what `extract` wants.
 pub fn read_layer(job: &Job<'_>, limits: &Limits, extract: &mut dyn Extract) -> Result<(LayerIndex, Verified)> {
     let l = job.layer;
-    let expect = Expect { digest: l.digest.clone(), size: l.size, diff_id: l.diff_id.clone(), compression: l.compression };
-    let stream = LayerStream::open(job.blob, &expect, limits)
-        .map_err(|source| Error::Read { layer: job.number, digest: l.digest.clone(), source })?;
+    let expect =
+        Expect { digest: l.digest.clone(), size: l.size, diff_id: l.diff_id.clone(), compression: l.compression };
+    let stream = LayerStream::open(job.blob, &expect, limits).map_err(|source| Error::Read {
+        layer: job.number,
+        digest: l.digest.clone(),
+        source,
+    })?;
     let mut tar = TarReader::new(stream, limits.max_entries);
     match entries(job, &mut tar, extract) {
         Ok(entries) => {
@@ -69,7 +73,14 @@ pub fn read_layer(job: &Job<'_>, limits: &Limits, extract: &mut dyn Extract) -> 
 }
 
 fn stream_err(job: &Job<'_>, e: &StreamError) -> Error {
-    Error::Layer { layer: job.number, digest: job.layer.digest.clone(), what: e.to_string() }
+    let mut what = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        what.push_str(": ");
+        what.push_str(&s.to_string());
+        source = s.source();
+    }
+    Error::Layer { layer: job.number, digest: job.layer.digest.clone(), what }
 }
 
 fn entries(job: &Job<'_>, tar: &mut TarReader<LayerStream>, extract: &mut dyn Extract) -> Result<Vec<IndexEntry>> {
@@ -148,9 +159,7 @@ pub fn read_verified(path: &Path, digest: &oci_core::Digest, size: u64, max: u64
         });
     }
     let mut v = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-    File::open(path)
-        .and_then(|f| f.take(max + 1).read_to_end(&mut v))
-        .map_err(Error::io(path, "cannot read blob"))?;
+    File::open(path).and_then(|f| f.take(max + 1).read_to_end(&mut v)).map_err(Error::io(path, "cannot read blob"))?;
     if v.len() as u64 != size || &oci_core::Digest::of(&v) != digest {
         return Err(Error::Image {
             image: path.display().to_string(),

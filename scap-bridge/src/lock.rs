@@ -37,6 +37,9 @@ impl Lock {
         let start = Instant::now();
         loop {
             match rustix::fs::fcntl_lock(&file, FlockOperation::NonBlockingLockExclusive) {
+                // If the holder unlinked the file on release, our lock is on a stale inode:
+                // open the path again.
+                Ok(()) if !same_file(&file, path) => return Lock::acquire(path, wait.saturating_sub(start.elapsed())),
                 Ok(()) => return Ok(Lock { _file: file, path: path.to_path_buf() }),
                 Err(rustix::io::Errno::AGAIN | rustix::io::Errno::ACCESS) if start.elapsed() < wait => {
                     std::thread::sleep(Duration::from_millis(100));
@@ -51,5 +54,13 @@ impl Lock {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+fn same_file(f: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (f.metadata(), std::fs::symlink_metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }

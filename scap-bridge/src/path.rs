@@ -161,7 +161,7 @@ mod tests {
             ("./", ""),
             ("/", ""),
             ("ñandú/x", "ñandú/x"),
-            ("a:b", "a:b"),
+            ("x/a:b", "x/a:b"),
         ];
         for (raw, want) in ok {
             assert_eq!(normalize(raw.as_bytes()).as_deref(), Ok(want), "{raw}");

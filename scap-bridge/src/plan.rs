@@ -70,12 +70,26 @@ pub fn in_scap_region(p: &str) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// A directory; `mtime` is final.
-    Dir { mode: u32, mtime: Time },
+    Dir {
+        mode: u32,
+        mtime: Time,
+    },
     /// Hardlink the live entry (a file or symlink) with this inode.
-    Link { ino: u64 },
+    Link {
+        ino: u64,
+    },
     /// Write a file from `src`.
-    Write { src: ContentRef, mode: u32, mtime: Time, size: u64, sha256: Sha },
-    Symlink { target: String, mtime: Time },
+    Write {
+        src: ContentRef,
+        mode: u32,
+        mtime: Time,
+        size: u64,
+        sha256: Sha,
+    },
+    Symlink {
+        target: String,
+        mtime: Time,
+    },
     /// A scap region entry, carried over from the live tree as it is.
     Carry(DiskEntry),
 }
@@ -114,7 +128,11 @@ pub struct Inputs<'a> {
 enum Pending {
     Decided(Action),
     /// Needs the live file's hash.
-    Hash { live_ino: u64, write: Action, sha: Sha },
+    Hash {
+        live_ino: u64,
+        write: Action,
+        sha: Sha,
+    },
 }
 
 pub fn plan(inp: &Inputs<'_>) -> Result<Plan> {
@@ -132,8 +150,13 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan> {
             NodeKind::Dir => Pending::Decided(Action::Dir { mode: inp.modes.dir(node.mode), mtime: Time::default() }),
             NodeKind::File { size, sha256, src } => {
                 let mode = inp.modes.file(node.mode);
-                let write =
-                    Action::Write { src: *src, mode, mtime: Time::bumped(inp.now, old_mtime), size: *size, sha256: *sha256 };
+                let write = Action::Write {
+                    src: *src,
+                    mode,
+                    mtime: Time::bumped(inp.now, old_mtime),
+                    size: *size,
+                    sha256: *sha256,
+                };
                 match old {
                     Some(o) if o.stat.kind == FsKind::File && o.stat.mode == mode && o.stat.size == *size => {
                         match inp.state.and_then(|s| s.known_sha(p, &o.stat)) {
@@ -149,7 +172,10 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan> {
                 Some(o) if o.stat.kind == FsKind::Symlink && o.target.as_deref() == Some(target.as_str()) => {
                     Pending::Decided(Action::Link { ino: o.stat.ino })
                 }
-                _ => Pending::Decided(Action::Symlink { target: target.clone(), mtime: Time::bumped(inp.now, old_mtime) }),
+                _ => Pending::Decided(Action::Symlink {
+                    target: target.clone(),
+                    mtime: Time::bumped(inp.now, old_mtime),
+                }),
             },
         };
         pending.push((k.clone(), item));
@@ -220,12 +246,20 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan> {
             Action::Dir { .. } => {}
             Action::Write { size, .. } => {
                 counts.bytes_to_write += size;
-                if old.is_some() { counts.changed += 1 } else { counts.added += 1 }
+                if old.is_some() {
+                    counts.changed += 1
+                } else {
+                    counts.added += 1
+                }
                 touched.insert(path::parent(p).to_string());
                 changed_paths.push(p.to_string());
             }
             Action::Symlink { .. } => {
-                if old.is_some() { counts.changed += 1 } else { counts.added += 1 }
+                if old.is_some() {
+                    counts.changed += 1
+                } else {
+                    counts.added += 1
+                }
                 touched.insert(path::parent(p).to_string());
                 changed_paths.push(p.to_string());
             }
@@ -244,7 +278,11 @@ pub fn plan(inp: &Inputs<'_>) -> Result<Plan> {
         if actions.contains_key(k) {
             continue; // replaced by another kind: counted as changed above
         }
-        if e.stat.kind == FsKind::Dir { counts.dirs_removed += 1 } else { counts.removed += 1 }
+        if e.stat.kind == FsKind::Dir {
+            counts.dirs_removed += 1
+        } else {
+            counts.removed += 1
+        }
         touched.insert(path::parent(p).to_string());
         changed_paths.push(p.to_string());
     }
@@ -288,11 +326,15 @@ fn hash_live(inp: &Inputs<'_>, pending: &[(PathKey, Pending)]) -> Result<Vec<Opt
             let mut h = Sha256::new();
             let mut buf = vec![0u8; 128 * 1024];
             loop {
-                let n = f.read(&mut buf).map_err(Error::io(inp.target.join(p), "cannot read"))?;
-                if n == 0 {
-                    break;
+                match f.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => h.update(&buf[..n]),
+                    // Unreadable: the file is written anew.
+                    Err(e) => {
+                        tracing::warn!("{}: cannot read ({e}); writing it anew", inp.target.join(p).display());
+                        return Ok(None);
+                    }
                 }
-                h.update(&buf[..n]);
             }
             Ok(Some(h.finalize().into()))
         })

@@ -72,7 +72,8 @@ impl Source {
                 Ok(LocalBlob { path, spooled: false })
             }
             Store::Registry { .. } => {
-                std::fs::create_dir_all(&self.spool).map_err(Error::io(&self.spool, "cannot create spool directory"))?;
+                std::fs::create_dir_all(&self.spool)
+                    .map_err(Error::io(&self.spool, "cannot create spool directory"))?;
                 let path = self.spool.join(format!("{}.{}", digest.hex(), std::process::id()));
                 let blob = LocalBlob { path, spooled: true };
                 self.rt.block_on(self.store.fetch_blob_to(digest, Some(size), &blob.path)).map_err(self.store_err())?;

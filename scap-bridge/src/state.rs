@@ -194,7 +194,12 @@ impl StateDir {
     pub fn key(target: &Path) -> String {
         let name: String = target
             .file_name()
-            .map(|n| n.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() || ".-_".contains(c) { c } else { '_' }).collect())
+            .map(|n| {
+                n.to_string_lossy()
+                    .chars()
+                    .map(|c| if c.is_ascii_alphanumeric() || ".-_".contains(c) { c } else { '_' })
+                    .collect()
+            })
             .unwrap_or_default();
         let h = hex::encode(Sha256::digest(target.as_os_str().as_encoded_bytes()));
         format!("{name}-{}", &h[..16])
@@ -256,7 +261,10 @@ impl StateDir {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if keep.iter().any(|d| name.starts_with(d.hex())) {
-                let _ = fs::File::options().append(true).open(e.path()).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                let _ = fs::File::options()
+                    .append(true)
+                    .open(e.path())
+                    .and_then(|f| f.set_modified(std::time::SystemTime::now()));
                 continue;
             }
             let old = e.metadata().and_then(|m| m.modified()).is_ok_and(|m| m < cutoff);

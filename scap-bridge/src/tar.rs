@@ -186,7 +186,8 @@ struct Raw {
 fn parse_raw(b: &[u8; BLOCK], offset: u64) -> Result<Raw, TarError> {
     let bad = |what: String| TarError::Header { offset, what };
     let stored = number(&b[148..156]).map_err(bad)?;
-    let unsigned: u64 = b.iter().enumerate().map(|(i, &x)| if (148..156).contains(&i) { 32 } else { u64::from(x) }).sum();
+    let unsigned: u64 =
+        b.iter().enumerate().map(|(i, &x)| if (148..156).contains(&i) { 32 } else { u64::from(x) }).sum();
     let signed: i64 =
         b.iter().enumerate().map(|(i, &x)| if (148..156).contains(&i) { 32 } else { i64::from(x as i8) }).sum();
     if stored != unsigned && i64::try_from(stored).ok() != Some(signed) {

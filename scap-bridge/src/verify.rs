@@ -43,7 +43,9 @@ impl fmt::Display for Difference {
         match self {
             Difference::Missing { path, what } => write!(f, "- {}: {what} missing from the tree", show(path)),
             Difference::Extra { path, what } => write!(f, "+ {}: {what} not in the image", show(path)),
-            Difference::Kind { path, image, tree } => write!(f, "T {}: {tree} in the tree, {image} in the image", show(path)),
+            Difference::Kind { path, image, tree } => {
+                write!(f, "T {}: {tree} in the tree, {image} in the image", show(path))
+            }
             Difference::Mode { path, image, tree } => {
                 write!(f, "M {}: mode {tree:04o} in the tree, {image:04o} expected", show(path))
             }
@@ -81,7 +83,11 @@ fn disk_what(e: &DiskEntry) -> &'static str {
 
 pub fn verify(o: &VerifyOptions) -> Result<Report> {
     let state = StateDir::new(&o.image.state_dir);
-    let src = Source::open(&o.image.image, &o.image.registry, &state.spool_dir().join(format!("verify-{}", std::process::id())))?;
+    let src = Source::open(
+        &o.image.image,
+        &o.image.registry,
+        &state.spool_dir().join(format!("verify-{}", std::process::id())),
+    )?;
     let img = src.resolve(&o.image.platform)?;
     let indexed = index_layers(&src, &img, &o.image, &state, false)?;
     let view = build_view(&img, &indexed, &o.image)?;

@@ -174,7 +174,9 @@ impl ViewBuilder {
             let a = &p[..end + i];
             match self.nodes.get(&PathKey::new(a)) {
                 Some(Node { kind: NodeKind::Dir, .. }) => {}
-                Some(Node { kind: NodeKind::Symlink { .. }, .. }) => return Err(Refusal::ThroughSymlink(a.to_string())),
+                Some(Node { kind: NodeKind::Symlink { .. }, .. }) => {
+                    return Err(Refusal::ThroughSymlink(a.to_string()))
+                }
                 Some(_) => return Err(Refusal::ParentNotDir(a.to_string())),
                 None => {
                     self.nodes.insert(PathKey::new(a), Node { kind: NodeKind::Dir, mode: IMPLICIT_DIR_MODE, layer: 0 });
@@ -260,7 +262,9 @@ pub fn check_symlink(view: &View, link: &str, target: &str) -> std::result::Resu
             }
             _ => {
                 stack.push(c);
-                if let Some(Node { kind: NodeKind::Symlink { target: t }, .. }) = view.nodes.get(&PathKey::new(&stack.join("/"))) {
+                if let Some(Node { kind: NodeKind::Symlink { target: t }, .. }) =
+                    view.nodes.get(&PathKey::new(&stack.join("/")))
+                {
                     hops += 1;
                     if hops > MAX_HOPS {
                         return Err(Refusal::SymlinkLoop);
