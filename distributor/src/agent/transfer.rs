@@ -1,0 +1,466 @@
+//! One blob being fetched by an agent: the piece bitfield, the known piece hashes, and
+//! the driver task that plans requests with [`crate::engine`], fetches pieces from peers
+//! and the origin, verifies each against its SHA-256 before writing it, drops peers that
+//! send bad bytes, re-plans when nothing progressed for [`WATCHDOG`], and verifies the
+//! whole blob before renaming it into place.
+//!
+//! Invariants: `have[i]` is set only after piece `i` matched its hash and was written;
+//! `done` only after the whole file matched the digest and was renamed into `blobs/`.
+
+use super::Agent;
+use crate::engine::{self, Limits, PeerView, Pick};
+use crate::metrics::M;
+use crate::pieces::{piece_hash, Bitfield, Geometry};
+use bytes::Bytes;
+use oci_core::Digest;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// Re-plan when no piece arrived for this long.
+pub const WATCHDOG: Duration = Duration::from_secs(2);
+/// Give up (and tell the client) when nothing arrived for this long.
+pub const GIVE_UP: Duration = Duration::from_secs(30);
+const ANNOUNCE_EVERY: Duration = Duration::from_millis(250);
+/// How long to leave the origin alone after it had no piece for us.
+const ORIGIN_QUIET: Duration = Duration::from_millis(200);
+const SEED_ANNOUNCE_EVERY: Duration = Duration::from_secs(2);
+/// A peer that refused (all upload slots taken) is left alone this long.
+const BUSY_BACKOFF: Duration = Duration::from_millis(60);
+const BUSY: &str = "busy";
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+pub struct Transfer {
+    pub digest: Digest,
+    pub name: String,
+    pub geo: Geometry,
+    file: std::fs::File,
+    state: Mutex<TState>,
+    changed: watch::Sender<u64>,
+    started: Instant,
+    /// Bytes received for this blob (including bytes of pieces later rejected): the
+    /// watchdog's measure of progress, so that slow but moving pieces are not aborted.
+    received: std::sync::atomic::AtomicU64,
+}
+
+struct TState {
+    have: Bitfield,
+    hashes: Vec<Option<String>>,
+    done: bool,
+    failed: Option<String>,
+}
+
+impl Transfer {
+    /// A blob already complete on disk (verified again before it is trusted).
+    pub fn load_complete(agent: &Agent, d: &Digest) -> Option<Transfer> {
+        let path = agent.blob_path(d);
+        let (actual, size) = crate::disk::digest_file(&path).ok()?;
+        if &actual != d {
+            let _ = std::fs::remove_file(&path);
+            return None;
+        }
+        let geo = Geometry::for_size(size);
+        let state =
+            TState { have: Bitfield::full(geo.count()), hashes: vec![None; geo.count()], done: true, failed: None };
+        Some(Transfer {
+            digest: d.clone(),
+            name: String::new(),
+            geo,
+            file: std::fs::File::open(&path).ok()?,
+            state: Mutex::new(state),
+            changed: watch::channel(0).0,
+            started: Instant::now(),
+            received: Default::default(),
+        })
+    }
+
+    /// Start fetching: ask the origin for the piece manifest, create the partial file.
+    pub async fn begin(agent: &Agent, name: &str, d: &Digest) -> Result<Transfer, FetchError> {
+        let m = fetch_manifest(agent, name, d).await?;
+        let path = agent.partial_path(d);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .and_then(|f| f.set_len(m.size).map(|()| f))
+            .map_err(|e| FetchError::Unavailable(format!("agent storage {}: {e}", path.display())))?;
+        let geo = m.geometry();
+        let mut hashes = vec![None; geo.count()];
+        for (slot, h) in hashes.iter_mut().zip(m.hashes) {
+            *slot = Some(h);
+        }
+        let state = TState { have: Bitfield::new(geo.count()), hashes, done: false, failed: None };
+        Ok(Transfer {
+            digest: d.clone(),
+            name: name.to_string(),
+            geo,
+            file,
+            state: Mutex::new(state),
+            changed: watch::channel(0).0,
+            started: Instant::now(),
+            received: Default::default(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, TState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn failure(&self) -> Option<String> {
+        self.lock().failed.clone()
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.lock().done
+    }
+
+    /// Mark the blob as just used (for LRU eviction).
+    pub fn touch(&self) {
+        super::cache::touch(&self.file);
+    }
+
+    pub fn have_hex(&self) -> String {
+        self.lock().have.to_hex()
+    }
+
+    pub fn has(&self, i: usize) -> bool {
+        self.lock().have.get(i)
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    fn fail(&self, why: String) {
+        self.lock().failed = Some(why);
+        self.bump();
+    }
+
+    /// Wait for piece `i` to be verified, then read it.
+    pub async fn read_piece_when_ready(&self, i: usize) -> Result<Vec<u8>, String> {
+        let mut rx = self.changed.subscribe();
+        loop {
+            {
+                let s = self.lock();
+                if let Some(f) = &s.failed {
+                    return Err(f.clone());
+                }
+                if s.have.get(i) {
+                    break;
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err("the transfer stopped".into());
+            }
+        }
+        self.read_piece(i).map_err(|e| format!("reading piece {i}: {e}"))
+    }
+
+    pub fn read_piece(&self, i: usize) -> std::io::Result<Vec<u8>> {
+        let (s, e) = self.geo.range(i);
+        crate::disk::read_at(&self.file, s, e - s)
+    }
+
+    /// Wait until the blob is complete and verified (or failed).
+    pub async fn wait_done(&self) -> Result<(), String> {
+        let mut rx = self.changed.subscribe();
+        loop {
+            {
+                let s = self.lock();
+                if let Some(f) = &s.failed {
+                    return Err(f.clone());
+                }
+                if s.done {
+                    return Ok(());
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err("the transfer stopped".into());
+            }
+        }
+    }
+}
+
+mod fetch;
+
+pub use fetch::announce_seeds;
+use fetch::{announce, fetch_from_origin, fetch_from_peer, fetch_manifest, Got, Outcome, Source};
+
+struct Peer {
+    have: Bitfield,
+    inflight: usize,
+    busy_until: Option<Instant>,
+}
+
+/// The expected hash of piece `i`: known, claimed by the origin itself, or fetched anew.
+async fn expected_hash(agent: &Agent, t: &Transfer, i: usize, claimed: Option<String>, src: &Source) -> Option<String> {
+    if let Some(h) = t.lock().hashes.get(i).cloned().flatten() {
+        return Some(h);
+    }
+    if *src == Source::Origin {
+        return claimed;
+    }
+    let m = fetch_manifest(agent, &t.name, &t.digest).await.ok()?;
+    let mut s = t.lock();
+    for (slot, h) in s.hashes.iter_mut().zip(m.hashes) {
+        slot.get_or_insert(h);
+    }
+    s.hashes.get(i).cloned().flatten()
+}
+
+/// The driver: runs until the blob is complete and verified, failed, or the agent stops.
+pub async fn drive(agent: Arc<Agent>, t: Arc<Transfer>) {
+    agent.metrics.add(M::ActiveTransfers, 1);
+    let r = drive_inner(&agent, &t).await;
+    agent.metrics.sub(M::ActiveTransfers, 1);
+    match r {
+        Ok(()) => {
+            agent.metrics.add(M::TransfersCompleted, 1);
+            agent.metrics.add(M::CompletionMillisSum, t.started.elapsed().as_millis() as u64);
+            tracing::info!("agent: {} complete and verified in {:?}", t.digest, t.started.elapsed());
+            super::cache::evict(&agent).await;
+        }
+        Err(why) => {
+            agent.metrics.add(M::TransfersFailed, 1);
+            tracing::error!("agent: {}: {why}", t.digest);
+            let _ = std::fs::remove_file(agent.partial_path(&t.digest));
+            t.fail(why);
+        }
+    }
+}
+
+async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String> {
+    let n = t.geo.count();
+    let salt: u64 = rand::random();
+    // Keep about a second of downloading in flight: with more, every piece would crawl
+    // under the download cap and none would finish before the watchdog.
+    let mut limits = Limits::default();
+    if let Some(rate) = agent.down.rate() {
+        let fit = usize::try_from(rate / t.geo.piece_size.max(1)).unwrap_or(usize::MAX);
+        limits.max_inflight = fit.clamp(2, limits.max_inflight);
+    }
+    let mut last_received = 0u64;
+    let mut last_piece = Instant::now();
+    let mut peers: HashMap<String, Peer> = HashMap::new();
+    let mut pending = vec![0u8; n];
+    let mut origin_inflight = 0usize;
+    let mut origin_quiet_until = Instant::now();
+    let mut tasks: JoinSet<Outcome> = JoinSet::new();
+    let mut last_announce: Option<Instant> = None;
+    let mut last_progress = Instant::now();
+    let mut stop = agent.stop.clone();
+    loop {
+        if agent.stopping() {
+            return Err("the agent is stopping".into());
+        }
+        let have = t.lock().have.clone();
+        if have.is_full() {
+            break;
+        }
+        if last_announce.is_none_or(|l| l.elapsed() >= ANNOUNCE_EVERY) {
+            last_announce = Some(Instant::now());
+            match announce(agent, t).await {
+                Ok(reply) => {
+                    let fresh: HashMap<String, Bitfield> = reply
+                        .peers
+                        .into_iter()
+                        .filter(|p| p.addr != agent.advertise && !agent.is_banned(&p.addr))
+                        .filter_map(|p| Bitfield::from_hex(&p.have, n).map(|b| (p.addr, b)))
+                        .collect();
+                    peers.retain(|a, p| p.inflight > 0 || fresh.contains_key(a));
+                    for (a, b) in fresh {
+                        peers.entry(a).or_insert(Peer { have: Bitfield::new(n), inflight: 0, busy_until: None }).have =
+                            b;
+                    }
+                }
+                Err(e) => tracing::debug!("agent: announce for {}: {e}", t.digest),
+            }
+        }
+        // Plan as many requests as the limits allow.
+        loop {
+            let now = Instant::now();
+            let addrs: Vec<String> = peers
+                .iter()
+                .filter(|(a, p)| !agent.is_banned(a) && p.busy_until.is_none_or(|t| t <= now))
+                .map(|(a, _)| a.clone())
+                .collect();
+            let views: Vec<PeerView> = addrs
+                .iter()
+                .filter_map(|a| peers.get(a))
+                .map(|p| PeerView { have: p.have.clone(), inflight: p.inflight })
+                .collect();
+            // After the origin had nothing for us, leave it alone for a moment.
+            let origin_view = if Instant::now() < origin_quiet_until { limits.origin_slots } else { origin_inflight };
+            let v = engine::View { have: &have, pending: &pending, peers: &views, origin_inflight: origin_view };
+            match engine::next(&v, &limits, salt) {
+                Some(Pick::Peer { piece, peer }) => {
+                    let Some(addr) = addrs.get(peer).cloned() else { break };
+                    if let Some(p) = peers.get_mut(&addr) {
+                        p.inflight += 1;
+                    }
+                    pending[piece] = pending[piece].saturating_add(1);
+                    tasks.spawn(fetch_from_peer(agent.clone(), t.clone(), addr, piece));
+                }
+                Some(Pick::Origin) => {
+                    // Tell the origin what not to send: what we have, are fetching, or
+                    // can get from a peer we have not dropped.
+                    let mut skip = have.clone();
+                    for (i, &c) in pending.iter().enumerate() {
+                        let from_peer = peers.iter().any(|(a, p)| p.have.get(i) && !agent.is_banned(a));
+                        if c > 0 || from_peer {
+                            skip.set(i);
+                        }
+                    }
+                    origin_inflight += 1;
+                    tasks.spawn(fetch_from_origin(agent.clone(), t.clone(), skip));
+                }
+                None => break,
+            }
+        }
+        let outcome = tokio::select! {
+            r = tasks.join_next(), if !tasks.is_empty() => r,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => None,
+            _ = stop.changed() => None,
+        };
+        if let Some(Ok((src, asked, result))) = outcome {
+            match &src {
+                Source::Origin => origin_inflight = origin_inflight.saturating_sub(1),
+                Source::Peer(a) => {
+                    if let Some(p) = peers.get_mut(a) {
+                        p.inflight = p.inflight.saturating_sub(1);
+                    }
+                }
+            }
+            if let Some(i) = asked {
+                pending[i] = pending[i].saturating_sub(1);
+            }
+            match result {
+                Ok(Some(Got { i, bytes, claimed, have })) => {
+                    if let (Source::Peer(a), Some(h)) = (&src, have.and_then(|h| Bitfield::from_hex(&h, n))) {
+                        if let Some(p) = peers.get_mut(a) {
+                            p.have = h;
+                        }
+                    }
+                    if accept_piece(agent, t, i, &bytes, claimed, &src).await? {
+                        (last_progress, last_piece) = (Instant::now(), Instant::now());
+                    } else if let Source::Peer(a) = &src {
+                        agent.ban(a);
+                        peers.remove(a);
+                    }
+                }
+                Ok(None) => origin_quiet_until = Instant::now() + ORIGIN_QUIET,
+                Err(e) if e == BUSY => {
+                    if let Source::Peer(a) = &src {
+                        if let Some(p) = peers.get_mut(a) {
+                            p.busy_until = Some(Instant::now() + BUSY_BACKOFF);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!("agent: {} from {src:?}: {e}", t.digest);
+                    if let (Source::Peer(a), Some(i)) = (&src, asked) {
+                        if let Some(p) = peers.get_mut(a) {
+                            p.have.clear(i);
+                        }
+                    }
+                }
+            }
+        }
+        let received = t.received.load(std::sync::atomic::Ordering::Relaxed);
+        if received != last_received {
+            (last_received, last_progress) = (received, Instant::now());
+        }
+        if last_progress.elapsed() > WATCHDOG && !tasks.is_empty() {
+            tracing::info!("agent: {}: no progress for {WATCHDOG:?}; re-planning", t.digest);
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+            pending.iter_mut().for_each(|c| *c = 0);
+            peers.values_mut().for_each(|p| p.inflight = 0);
+            origin_inflight = 0;
+            last_announce = None;
+            last_progress = Instant::now() - WATCHDOG / 2;
+        }
+        if last_piece.elapsed() > GIVE_UP {
+            return Err(format!("no peer and not the origin could serve {} for {GIVE_UP:?}", t.digest));
+        }
+        if let Some(f) = check_origin_failed(agent, t, last_progress).await {
+            return Err(f);
+        }
+    }
+    finish(agent, t).await
+}
+
+/// When stuck, ask whether the origin found the upstream blob wrong.
+async fn check_origin_failed(agent: &Agent, t: &Transfer, last_progress: Instant) -> Option<String> {
+    if last_progress.elapsed() < WATCHDOG {
+        return None;
+    }
+    match fetch_manifest(agent, &t.name, &t.digest).await {
+        Err(FetchError::Unavailable(e)) if e.contains("cannot serve") => Some(e),
+        Err(FetchError::NotFound(e)) => Some(e),
+        _ => None,
+    }
+}
+
+/// Verify a piece and store it. `Ok(false)`: the bytes were bad.
+async fn accept_piece(
+    agent: &Agent,
+    t: &Transfer,
+    i: usize,
+    bytes: &Bytes,
+    claimed: Option<String>,
+    src: &Source,
+) -> Result<bool, String> {
+    if t.has(i) {
+        return Ok(true);
+    }
+    let Some(expected) = expected_hash(agent, t, i, claimed, src).await else {
+        return Ok(false);
+    };
+    if bytes.len() as u64 != t.geo.len_of(i) || piece_hash(bytes) != expected {
+        agent.metrics.add(M::PiecesRejected, 1);
+        tracing::warn!("agent: {} piece {i} from {src:?} does not match its hash", t.digest);
+        return Ok(false);
+    }
+    let (start, _) = t.geo.range(i);
+    crate::disk::write_at(&t.file, start, bytes).map_err(|e| format!("writing piece {i}: {e}"))?;
+    agent.metrics.add(M::PiecesVerified, 1);
+    {
+        let mut s = t.lock();
+        s.have.set(i);
+        if let Some(slot) = s.hashes.get_mut(i) {
+            slot.get_or_insert(expected);
+        }
+    }
+    t.bump();
+    Ok(true)
+}
+
+/// Verify the whole blob and rename it into place.
+async fn finish(agent: &Agent, t: &Transfer) -> Result<(), String> {
+    let partial = agent.partial_path(&t.digest);
+    let p = partial.clone();
+    let (actual, size) = tokio::task::spawn_blocking(move || crate::disk::digest_file(&p))
+        .await
+        .map_err(|e| format!("hashing task: {e}"))?
+        .map_err(|e| format!("hashing {}: {e}", partial.display()))?;
+    if actual != t.digest || size != t.geo.size {
+        return Err(format!("the assembled blob hashes to {actual} ({size} bytes); discarded"));
+    }
+    std::fs::rename(&partial, agent.blob_path(&t.digest)).map_err(|e| format!("storing the blob: {e}"))?;
+    t.lock().done = true;
+    t.bump();
+    Ok(())
+}

@@ -1,0 +1,169 @@
+//! The requests a transfer makes: the origin's piece manifest, a piece from a peer or
+//! from the origin (read under the download cap), and tracker announcements.
+
+use super::{FetchError, Transfer, BUSY, REQUEST_TIMEOUT, SEED_ANNOUNCE_EVERY};
+use crate::agent::Agent;
+use crate::api::{Announce, AnnounceReply, PIECE_INDEX, PIECE_SHA256};
+use crate::metrics::M;
+use crate::pieces::{Bitfield, PieceManifest};
+use bytes::{Bytes, BytesMut};
+use oci_core::Digest;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub(super) async fn fetch_manifest(agent: &Agent, name: &str, d: &Digest) -> Result<PieceManifest, FetchError> {
+    let url = crate::origin::pieces_url(&agent.opts.origin, d, name);
+    let resp = agent
+        .http
+        .get(&url)
+        .header("authorization", agent.auth())
+        .timeout(REQUEST_TIMEOUT)
+        .send()
+        .await
+        .map_err(|e| FetchError::Unavailable(format!("origin {}: {e}", agent.opts.origin)))?;
+    let status = resp.status();
+    if status == reqwest::StatusCode::NOT_FOUND {
+        return Err(FetchError::NotFound(format!("blob {d} is not known upstream")));
+    }
+    if !status.is_success() {
+        let body = resp.text().await.unwrap_or_default();
+        return Err(FetchError::Unavailable(format!("origin answered {status} for {d}: {body}")));
+    }
+    let m: PieceManifest =
+        resp.json().await.map_err(|e| FetchError::Unavailable(format!("origin's piece list for {d}: {e}")))?;
+    m.check().map_err(|e| FetchError::Unavailable(format!("origin's piece list for {d}: {e}")))?;
+    if let Some(f) = &m.failed {
+        return Err(FetchError::Unavailable(format!("origin cannot serve {d}: {f}")));
+    }
+    Ok(m)
+}
+
+/// Where a request went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Source {
+    Peer(String),
+    Origin,
+}
+
+/// A finished request: the piece (index, bytes, hash claimed by the origin) or nothing
+/// (the origin had no piece for us), or an error.
+pub(super) type Outcome = (Source, Option<usize>, Result<Option<Got>, String>);
+
+/// A piece received: its index and bytes, the hash the origin claims for it, and the
+/// sender's current bitfield (peers send it along, fresher than the tracker's).
+pub(super) struct Got {
+    pub i: usize,
+    pub bytes: Bytes,
+    pub claimed: Option<String>,
+    pub have: Option<String>,
+}
+
+/// Read a response body under the download cap, refusing more than `max` bytes.
+pub(super) async fn read_body(
+    agent: &Agent,
+    t: &Transfer,
+    mut resp: reqwest::Response,
+    max: u64,
+    m: M,
+) -> Result<Bytes, String> {
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+        if (buf.len() + chunk.len()) as u64 > max {
+            return Err(format!("more than the {max} bytes expected"));
+        }
+        agent.down.acquire(chunk.len()).await;
+        agent.metrics.add(m, chunk.len() as u64);
+        t.received.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+pub(super) async fn fetch_from_peer(agent: Arc<Agent>, t: Arc<Transfer>, addr: String, i: usize) -> Outcome {
+    let url = format!("http://{addr}/dist/v1/piece/{}/{i}", t.digest);
+    let r = async {
+        let resp = agent.http.get(&url).header("authorization", agent.auth()).timeout(REQUEST_TIMEOUT).send().await;
+        let resp = resp.map_err(|e| e.to_string())?;
+        if resp.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+            return Err(BUSY.to_string());
+        }
+        if !resp.status().is_success() {
+            return Err(format!("peer answered {}", resp.status()));
+        }
+        let have = resp.headers().get(crate::api::PEER_HAVE).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let bytes = read_body(&agent, &t, resp, t.geo.len_of(i), M::BytesDownPeers).await?;
+        Ok(Some(Got { i, bytes, claimed: None, have }))
+    }
+    .await;
+    (Source::Peer(addr), Some(i), r)
+}
+
+pub(super) async fn fetch_from_origin(agent: Arc<Agent>, t: Arc<Transfer>, skip: Bitfield) -> Outcome {
+    let url = format!(
+        "http://{}/dist/v1/seed/{}?name={}&skip={}",
+        agent.opts.origin,
+        t.digest,
+        crate::api::query_escape(&t.name),
+        skip.to_hex()
+    );
+    let r = async {
+        let resp = agent.http.get(&url).header("authorization", agent.auth()).timeout(REQUEST_TIMEOUT).send().await;
+        let resp = resp.map_err(|e| format!("origin: {e}"))?;
+        if resp.status() == reqwest::StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        if !resp.status().is_success() {
+            let status = resp.status();
+            return Err(format!("origin answered {status}: {}", resp.text().await.unwrap_or_default()));
+        }
+        let header = |n: &str| resp.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let i: usize = header(PIECE_INDEX).and_then(|v| v.parse().ok()).ok_or("origin sent no piece index")?;
+        let hash = header(PIECE_SHA256);
+        if i >= t.geo.count() {
+            return Err(format!("origin sent piece {i} of {}", t.geo.count()));
+        }
+        let bytes = read_body(&agent, &t, resp, t.geo.len_of(i), M::BytesDownOrigin).await?;
+        Ok(Some(Got { i, bytes, claimed: hash, have: None }))
+    }
+    .await;
+    (Source::Origin, None, r)
+}
+
+pub(super) async fn announce(agent: &Agent, t: &Transfer) -> Result<AnnounceReply, String> {
+    let a = Announce {
+        peer_id: agent.peer_id.clone(),
+        addr: agent.advertise.clone(),
+        digest: t.digest.to_string(),
+        pieces: t.geo.count(),
+        have: t.lock().have.to_hex(),
+    };
+    let url = format!("http://{}/dist/v1/announce", agent.opts.origin);
+    let resp = agent
+        .http
+        .post(url)
+        .header("authorization", agent.auth())
+        .json(&a)
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        return Err(format!("tracker answered {}", resp.status()));
+    }
+    resp.json().await.map_err(|e| e.to_string())
+}
+
+/// Announce every complete blob now and then, so that late joiners find the seeders.
+pub async fn announce_seeds(agent: Arc<Agent>) {
+    while !agent.stopping() {
+        crate::agent::cache::evict(&agent).await;
+        for t in agent.all_transfers().await {
+            if t.is_done() && t.geo.count() > 0 {
+                if let Err(e) = announce(&agent, &t).await {
+                    tracing::debug!("agent: announcing {}: {e}", t.digest);
+                }
+            }
+        }
+        tokio::time::sleep(SEED_ANNOUNCE_EVERY).await;
+    }
+}

@@ -1,0 +1,298 @@
+//! `mwdist bench`: an origin and N agents on 127.0.0.1 as separate processes, every one
+//! capped at the same rate R up and down; N pulls through the agents' mirror APIs started
+//! together; completion times reported as ratios to the physical lower bound T_LB
+//! (see `report`), origin egress as a multiple of S, and — in the same run — the no-P2P
+//! baseline (N clients pulling from the origin under the same caps).
+
+pub mod report;
+
+use crate::limit::RateLimiter;
+use crate::pieces::Geometry;
+use anyhow::Context as _;
+use oci_core::Digest;
+use rand::{RngCore as _, SeedableRng as _};
+use sha2::{Digest as _, Sha256};
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use report::{lower_bound, LowerBound};
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    #[arg(long, default_value_t = 20)]
+    pub agents: usize,
+    #[arg(long, default_value = "16MiB", value_parser = crate::cli::parse_size)]
+    pub blob_size: u64,
+    /// Upload and download cap of every agent and of the origin (bytes/s).
+    #[arg(long, default_value = "4MiB", value_parser = crate::cli::parse_size)]
+    pub rate: u64,
+    /// Fraction of agents killed at T_LB/2 (they are not counted).
+    #[arg(long, default_value_t = 0.0)]
+    pub kill: f64,
+    /// Fraction of agents that start their pull at T_LB/2.
+    #[arg(long, default_value_t = 0.0)]
+    pub late: f64,
+    /// Agents that serve corrupted pieces to peers (their own pulls are counted).
+    #[arg(long, default_value_t = 0)]
+    pub bad_peers: usize,
+    /// Skip the no-P2P baseline (it takes about N·S/R).
+    #[arg(long)]
+    pub no_baseline: bool,
+    /// Where to write `completion.csv` and `cdf.svg` (and the work files).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// A child `mwdist` process, killed on drop.
+struct Child2 {
+    child: Child,
+    line: String,
+}
+
+impl Child2 {
+    fn start(args: &[String], secret: &str) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe()?;
+        let mut cmd = if Path::new("/usr/bin/setpriv").exists() {
+            let mut c = Command::new("/usr/bin/setpriv");
+            c.args(["--pdeathsig", "KILL", "--"]).arg(&exe);
+            c
+        } else {
+            Command::new(&exe)
+        };
+        cmd.args(args).env("MWDIST_SECRET", secret).stdin(Stdio::null()).stdout(Stdio::piped());
+        // Bad peers and killed agents make the others warn; keep the report readable.
+        cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()));
+        let mut child = cmd.spawn().with_context(|| format!("starting {}", exe.display()))?;
+        let out = child.stdout.take().context("child stdout")?;
+        let mut line = String::new();
+        BufReader::new(out).read_line(&mut line)?;
+        anyhow::ensure!(!line.is_empty(), "mwdist {args:?} exited before it was ready");
+        Ok(Child2 { child, line })
+    }
+
+    fn field(&self, key: &str) -> anyhow::Result<String> {
+        let p = format!("{key}=");
+        self.line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(p.as_str()))
+            .map(str::to_string)
+            .with_context(|| format!("no {key} in {:?}", self.line))
+    }
+
+    /// Peak resident set (VmHWM) in bytes.
+    fn peak_rss(&self) -> Option<u64> {
+        // setpriv execs mwdist in place, so the pid is mwdist's.
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let kb: u64 =
+            s.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+        Some(kb * 1024)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Child2 {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Write `size` bytes of seeded noise as a blob of a new layout; its digest.
+fn make_blob(dir: &Path, size: u64) -> anyhow::Result<Digest> {
+    let layout = oci_core::layout::Layout::create(dir.to_path_buf())?;
+    let tmp = dir.join("blob.tmp");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(size);
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        rng.fill_bytes(&mut buf[..n]);
+        h.update(&buf[..n]);
+        f.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    f.flush()?;
+    drop(f);
+    let d = Digest::from_sha256(h.finalize().into());
+    layout.put_verified_blob_file(&tmp, &d, size)?;
+    std::fs::remove_file(&tmp)?;
+    Ok(d)
+}
+
+/// GET a blob, reading it under an optional download cap; hashes it; seconds taken.
+async fn pull(
+    http: reqwest::Client,
+    url: String,
+    auth: Option<String>,
+    cap: Option<u64>,
+    start: Instant,
+) -> anyhow::Result<(f64, Digest)> {
+    let lim = RateLimiter::new(cap);
+    let mut req = http.get(&url);
+    if let Some(a) = auth {
+        req = req.header("authorization", a);
+    }
+    let mut resp = req.send().await?.error_for_status()?;
+    let mut h = Sha256::new();
+    while let Some(c) = resp.chunk().await? {
+        lim.acquire(c.len()).await;
+        h.update(&c);
+    }
+    Ok((start.elapsed().as_secs_f64(), Digest::from_sha256(h.finalize().into())))
+}
+
+async fn metric(http: &reqwest::Client, addr: &str, name: &str) -> u64 {
+    let Ok(resp) = http.get(format!("http://{addr}/metrics")).send().await else { return 0 };
+    let text = resp.text().await.unwrap_or_default();
+    text.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok())).unwrap_or(0)
+}
+
+pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(a.agents > 0 && a.blob_size > 0 && a.rate > 0, "agents, blob size and rate must be positive");
+    let tmp = tempfile::Builder::new().prefix("mwdist-bench-").tempdir()?;
+    let out = a.out.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    std::fs::create_dir_all(&out)?;
+    let (n, s, r) = (a.agents, a.blob_size, a.rate);
+    let secret = format!("{:032x}", rand::random::<u128>());
+    let d = make_blob(&tmp.path().join("upstream"), s)?;
+    let lb = lower_bound(s, n, r as f64, r as f64, r as f64);
+    let g = Geometry::for_size(s);
+    println!(
+        "mwdist bench: N={n} S={} R={}/s, {} pieces of {}",
+        report::human(s),
+        report::human(r),
+        g.count(),
+        report::human(g.piece_size)
+    );
+    println!(
+        "T_LB = {:.2} s = max(S/U_seed {:.2} s, S/min d {:.2} s, N·S/(U_seed+Σu) {:.2} s)",
+        lb.t, lb.seed, lb.download, lb.aggregate
+    );
+    let rate = r.to_string();
+    let origin = Child2::start(
+        &[
+            "origin".into(),
+            "--upstream".into(),
+            format!("oci:{}", tmp.path().join("upstream").display()),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--cache-dir".into(),
+            tmp.path().join("origin").display().to_string(),
+            "--rate-up".into(),
+            rate.clone(),
+        ],
+        &secret,
+    )?;
+    let origin_addr = origin.field("listening")?;
+    let mut agents = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut args: Vec<String> = [
+            "agent",
+            "--origin",
+            &origin_addr,
+            "--listen",
+            "127.0.0.1:0",
+            "--peer-listen",
+            "127.0.0.1:0",
+            "--rate-up",
+            &rate,
+            "--rate-down",
+            &rate,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(["--data-dir".into(), tmp.path().join(format!("agent{i}")).display().to_string()]);
+        if i < a.bad_peers {
+            args.push("--corrupt".into());
+        }
+        agents.push(Child2::start(&args, &secret)?);
+    }
+    let http = reqwest::Client::builder().pool_max_idle_per_host(0).build()?;
+    let n_kill = ((n as f64) * a.kill).round() as usize;
+    let n_late = ((n as f64) * a.late).round() as usize;
+    // Killed agents are the last ones, late ones just before them (bad peers first).
+    let killed: Vec<usize> = (n - n_kill.min(n)..n).collect();
+    let late: Vec<usize> = (n.saturating_sub(n_kill + n_late)..n - n_kill.min(n)).collect();
+    let start = Instant::now();
+    let half = Duration::from_secs_f64(lb.t / 2.0);
+    let mut tasks = Vec::new();
+    for (i, ag) in agents.iter().enumerate() {
+        let url = format!("http://{}/v2/bench/blobs/{d}", ag.field("mirror")?);
+        let (http, delay) = (http.clone(), if late.contains(&i) { half } else { Duration::ZERO });
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            pull(http, url, None, None, start).await
+        }));
+    }
+    if n_kill > 0 {
+        tokio::time::sleep(half).await;
+        for &i in &killed {
+            agents[i].kill();
+        }
+    }
+    let mut times = Vec::new();
+    let mut failures = 0;
+    for (i, t) in tasks.into_iter().enumerate() {
+        match t.await? {
+            Ok((secs, got)) if got == d => {
+                if !killed.contains(&i) {
+                    times.push((i, secs));
+                }
+            }
+            Ok((_, got)) => anyhow::bail!("agent {i} delivered wrong bytes ({got})"),
+            Err(e) if killed.contains(&i) => tracing::debug!("killed agent {i}: {e:#}"),
+            Err(e) => {
+                failures += 1;
+                eprintln!("agent {i}: {e:#}");
+            }
+        }
+    }
+    let egress = metric(&http, &origin_addr, "mwdist_bytes_up_total{to=\"peers\"}").await;
+    let rss = agents.iter().filter_map(Child2::peak_rss).max().unwrap_or(0);
+    let mut rejected = 0;
+    for (i, ag) in agents.iter().enumerate() {
+        if !killed.contains(&i) {
+            rejected += metric(&http, &ag.field("peer")?, "mwdist_pieces_rejected_total").await;
+        }
+    }
+    drop(agents);
+    let p2p: Vec<f64> = times.iter().map(|(_, t)| *t).collect();
+    report::print_row("p2p", &p2p, lb.t);
+    println!(
+        "  survivors {} of {n} completed with verified bytes, {failures} failed; pieces rejected {rejected}; \
+         origin egress {:.3}×S; agent peak RSS {}",
+        p2p.len(),
+        egress as f64 / s as f64,
+        report::human(rss)
+    );
+    let mut base = Vec::new();
+    if !a.no_baseline {
+        let start = Instant::now();
+        let url = format!("http://{origin_addr}/v2/bench/blobs/{d}");
+        let tasks: Vec<_> = (0..n)
+            .map(|_| tokio::spawn(pull(http.clone(), url.clone(), Some(format!("Bearer {secret}")), Some(r), start)))
+            .collect();
+        for t in tasks {
+            let (secs, got) = t.await??;
+            anyhow::ensure!(got == d, "baseline delivered wrong bytes");
+            base.push(secs);
+        }
+        report::print_row("baseline (no P2P)", &base, lb.t);
+    }
+    report::write_csv(&out.join("completion.csv"), &p2p, &base, lb.t)?;
+    report::write_svg(&out.join("cdf.svg"), &p2p, &base, lb.t)?;
+    if a.out.is_some() {
+        println!("wrote {} and {}", out.join("completion.csv").display(), out.join("cdf.svg").display());
+    }
+    drop(origin);
+    anyhow::ensure!(failures == 0, "{failures} surviving agents did not complete");
+    Ok(())
+}

@@ -1,0 +1,217 @@
+//! Piece and peer selection, free of I/O so that the agent and a simulator can share it.
+//!
+//! An agent asks [`next`] what to request next, given which pieces it has, which are in
+//! flight, and what each known peer has. Policy:
+//! * rarest first among pieces some live peer can serve (ties broken by a per-node salt,
+//!   so that nodes spread over different pieces);
+//! * from the least-loaded peer holding the piece, each peer taking at most
+//!   [`Limits::per_peer`] requests from us;
+//! * the origin only for pieces no peer has (it then chooses the piece itself, see
+//!   [`origin_choose`], so that it sends each piece about once);
+//! * endgame: once every missing piece is in flight, a slow piece may be requested a
+//!   second time from another peer.
+
+use crate::pieces::Bitfield;
+
+/// What the agent knows about one peer.
+#[derive(Debug, Clone)]
+pub struct PeerView {
+    pub have: Bitfield,
+    /// Requests we have in flight to this peer.
+    pub inflight: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Requests in flight in total.
+    pub max_inflight: usize,
+    /// Requests in flight to one peer.
+    pub per_peer: usize,
+    /// Requests in flight to the origin.
+    pub origin_slots: usize,
+    /// Copies of one piece in flight at most (2 allows the endgame).
+    pub max_dup: u8,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_inflight: 8, per_peer: 2, origin_slots: 1, max_dup: 2 }
+    }
+}
+
+/// The agent's view when it plans.
+#[derive(Debug)]
+pub struct View<'a> {
+    pub have: &'a Bitfield,
+    /// Copies of each piece in flight.
+    pub pending: &'a [u8],
+    pub peers: &'a [PeerView],
+    pub origin_inflight: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Pick {
+    /// Request `piece` from `peers[peer]`.
+    Peer { piece: usize, peer: usize },
+    /// Ask the origin for a piece of its choosing.
+    Origin,
+}
+
+fn mix(a: u64, salt: u64) -> u64 {
+    // splitmix64: a cheap, well-spread tie breaker.
+    let mut z = a.wrapping_add(salt).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The next request to make, or `None` if nothing useful can be requested now.
+pub fn next(v: &View<'_>, lim: &Limits, salt: u64) -> Option<Pick> {
+    let n = v.have.len();
+    let total: usize = v.peers.iter().map(|p| p.inflight).sum::<usize>() + v.origin_inflight;
+    if total >= lim.max_inflight || v.have.is_full() {
+        return None;
+    }
+    let avail = availability(n, v.peers);
+    let free_peer_for = |i: usize| -> Option<usize> {
+        v.peers
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.have.get(i) && p.inflight < lim.per_peer)
+            .min_by_key(|(j, p)| (p.inflight, mix(*j as u64, salt ^ i as u64)))
+            .map(|(j, _)| j)
+    };
+    let mut best: Option<(u32, u64, usize, usize)> = None;
+    let mut unrequested_missing = 0usize;
+    for (i, &a) in avail.iter().enumerate() {
+        if v.have.get(i) || v.pending.get(i).copied().unwrap_or(0) > 0 {
+            continue;
+        }
+        unrequested_missing += 1;
+        if a == 0 {
+            continue;
+        }
+        let key = (a, mix(i as u64, salt));
+        if best.is_some_and(|b| (b.0, b.1) <= key) {
+            continue;
+        }
+        if let Some(peer) = free_peer_for(i) {
+            best = Some((key.0, key.1, i, peer));
+        }
+    }
+    if let Some((_, _, piece, peer)) = best {
+        return Some(Pick::Peer { piece, peer });
+    }
+    let no_peer_has_one =
+        (0..n).any(|i| !v.have.get(i) && v.pending.get(i).copied().unwrap_or(0) == 0 && avail[i] == 0);
+    if no_peer_has_one && v.origin_inflight < lim.origin_slots {
+        return Some(Pick::Origin);
+    }
+    if unrequested_missing == 0 {
+        // Endgame: duplicate the piece with the fewest copies in flight.
+        let dup = (0..n)
+            .filter(|&i| !v.have.get(i))
+            .filter(|&i| v.pending.get(i).copied().unwrap_or(0) < lim.max_dup)
+            .filter_map(|i| {
+                free_peer_for(i).map(|p| (v.pending.get(i).copied().unwrap_or(0), mix(i as u64, salt), i, p))
+            })
+            .min();
+        if let Some((_, _, piece, peer)) = dup {
+            return Some(Pick::Peer { piece, peer });
+        }
+    }
+    None
+}
+
+/// How many peers hold each piece.
+pub fn availability(n: usize, peers: &[PeerView]) -> Vec<u32> {
+    let mut a = vec![0u32; n];
+    for p in peers {
+        for (i, slot) in a.iter_mut().enumerate() {
+            if p.have.get(i) {
+                *slot += 1;
+            }
+        }
+    }
+    a
+}
+
+/// The origin's choice for a requester (super-seeding): among the first `known` pieces
+/// (those the origin has hashed) that the requester neither has nor is fetching, the one
+/// with the fewest copies in the swarm plus times the origin already sent it.
+pub fn origin_choose(known: usize, skip: &Bitfield, avail: &[u32], served: &[u32]) -> Option<usize> {
+    (0..known)
+        .filter(|&i| !skip.get(i))
+        .min_by_key(|&i| (avail.get(i).copied().unwrap_or(0) + served.get(i).copied().unwrap_or(0), i))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bits(n: usize, set: &[usize]) -> Bitfield {
+        let mut b = Bitfield::new(n);
+        for &i in set {
+            b.set(i);
+        }
+        b
+    }
+
+    #[test]
+    fn rarest_piece_first_from_least_loaded_peer() {
+        let have = bits(4, &[0]);
+        let peers = vec![
+            PeerView { have: bits(4, &[1, 2, 3]), inflight: 1 },
+            PeerView { have: bits(4, &[1, 2]), inflight: 0 },
+            PeerView { have: bits(4, &[1]), inflight: 0 },
+        ];
+        let v = View { have: &have, pending: &[0; 4], peers: &peers, origin_inflight: 0 };
+        assert_eq!(next(&v, &Limits::default(), 7), Some(Pick::Peer { piece: 3, peer: 0 }));
+        let v = View { pending: &[0, 0, 0, 1], ..v };
+        assert_eq!(next(&v, &Limits::default(), 7), Some(Pick::Peer { piece: 2, peer: 1 }));
+    }
+
+    #[test]
+    fn origin_only_for_pieces_no_peer_has() {
+        let have = bits(3, &[]);
+        let peers = vec![PeerView { have: bits(3, &[0, 1, 2]), inflight: 2 }];
+        let v = View { have: &have, pending: &[0; 3], peers: &peers, origin_inflight: 0 };
+        assert_eq!(next(&v, &Limits::default(), 1), None, "peer busy, but it has everything");
+        let peers = vec![PeerView { have: bits(3, &[0, 1]), inflight: 2 }];
+        let v = View { peers: &peers, ..v };
+        assert_eq!(next(&v, &Limits::default(), 1), Some(Pick::Origin));
+        let v = View { origin_inflight: 1, ..v };
+        assert_eq!(next(&v, &Limits::default(), 1), None, "one origin slot");
+    }
+
+    #[test]
+    fn endgame_duplicates_once() {
+        let have = bits(2, &[0]);
+        let peers = vec![PeerView { have: bits(2, &[1]), inflight: 1 }, PeerView { have: bits(2, &[1]), inflight: 0 }];
+        let v = View { have: &have, pending: &[0, 1], peers: &peers, origin_inflight: 0 };
+        assert_eq!(next(&v, &Limits::default(), 3), Some(Pick::Peer { piece: 1, peer: 1 }));
+        let v = View { pending: &[0, 2], ..v };
+        assert_eq!(next(&v, &Limits::default(), 3), None);
+    }
+
+    #[test]
+    fn salts_spread_nodes_over_pieces() {
+        let have = bits(64, &[]);
+        let peers = vec![PeerView { have: Bitfield::full(64), inflight: 0 }];
+        let picks: std::collections::HashSet<_> = (0..16u64)
+            .filter_map(|salt| {
+                let v = View { have: &have, pending: &[0; 64], peers: &peers, origin_inflight: 0 };
+                next(&v, &Limits::default(), salt)
+            })
+            .collect();
+        assert!(picks.len() > 8, "{picks:?}");
+    }
+
+    #[test]
+    fn origin_sends_each_piece_about_once() {
+        let skip = bits(4, &[0]);
+        assert_eq!(origin_choose(4, &skip, &[0, 1, 0, 0], &[0, 0, 1, 0]), Some(3));
+        assert_eq!(origin_choose(2, &skip, &[0, 1, 0, 0], &[0, 0, 0, 0]), Some(1));
+        assert_eq!(origin_choose(1, &skip, &[], &[]), None);
+    }
+}

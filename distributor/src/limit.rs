@@ -1,0 +1,108 @@
+//! Token-bucket rate limiting, shared by every transfer of a node in one direction.
+//!
+//! [`RateLimiter::acquire`] takes the tokens at once and sleeps off any debt, so callers
+//! are served in the order they ask and the long-run rate never exceeds the cap.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Bytes a caller takes per `acquire` when streaming; small enough to interleave
+/// concurrent transfers finely.
+pub const CHUNK: usize = 64 << 10;
+
+/// Pieces a node uploads at once (more requests wait their turn). Few concurrent uploads
+/// finish each piece sooner, so that it can be re-served sooner (BitTorrent's
+/// unchoke slots play the same role).
+pub const UPLOAD_SLOTS: usize = 4;
+
+#[derive(Debug)]
+pub struct RateLimiter {
+    /// Bytes per second; `None` means unlimited.
+    rate: Option<f64>,
+    burst: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl RateLimiter {
+    /// A limiter of `rate` bytes/s (`None` or 0: unlimited) with a burst of 1/20 s.
+    pub fn new(rate: Option<u64>) -> Self {
+        let rate = rate.filter(|r| *r > 0).map(|r| r as f64);
+        let burst = rate.map_or(0.0, |r| (r / 20.0).max(CHUNK as f64));
+        RateLimiter { rate, burst, state: Mutex::new((burst, Instant::now())) }
+    }
+
+    pub fn rate(&self) -> Option<u64> {
+        self.rate.map(|r| r as u64)
+    }
+
+    /// Wait until `n` bytes may pass.
+    pub async fn acquire(&self, n: usize) {
+        let Some(rate) = self.rate else { return };
+        let wait = {
+            let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            let (tokens, last) = *g;
+            let tokens = (tokens + now.duration_since(last).as_secs_f64() * rate).min(self.burst) - n as f64;
+            *g = (tokens, now);
+            if tokens < 0.0 {
+                Duration::from_secs_f64(-tokens / rate)
+            } else {
+                Duration::ZERO
+            }
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// A response body sending `bytes` in [`CHUNK`]s, each after the limiter allows it, and
+/// counting what was sent.
+/// `permit` (an upload slot) is held until the last byte is sent.
+pub fn throttled_body(
+    bytes: bytes::Bytes,
+    lim: std::sync::Arc<RateLimiter>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    m: crate::metrics::M,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) -> axum::body::Body {
+    let state = (bytes, lim, metrics, permit);
+    let s = futures_util::stream::unfold(state, move |(mut rest, lim, metrics, permit)| async move {
+        if rest.is_empty() {
+            return None;
+        }
+        let chunk = rest.split_to(rest.len().min(CHUNK));
+        lim.acquire(chunk.len()).await;
+        metrics.add(m, chunk.len() as u64);
+        Some((Ok::<_, std::io::Error>(chunk), (rest, lim, metrics, permit)))
+    });
+    axum::body::Body::from_stream(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn rate_is_respected_across_callers() {
+        let l = std::sync::Arc::new(RateLimiter::new(Some(4 << 20)));
+        let t = Instant::now();
+        let tasks: Vec<_> = (0..4)
+            .map(|_| {
+                let l = l.clone();
+                tokio::spawn(async move {
+                    for _ in 0..16 {
+                        l.acquire(32 << 10).await;
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("limiter task");
+        }
+        // 2 MiB at 4 MiB/s, minus the initial burst.
+        let took = t.elapsed().as_secs_f64();
+        assert!((0.4..0.8).contains(&took), "{took}");
+        RateLimiter::new(None).acquire(1 << 30).await;
+    }
+}
