@@ -17,11 +17,11 @@ one gzip image, scratch base, the version's layers only), for each of --repeat r
 It prints medians, ratios against the targets of the issue, and scap-bridge's peak RSS
 (from wait4). A benchmark, not a test: it never fails on a ratio.
 
-usage: scap-bridge/benches/prep_bench.py [--size medium] [--repeat 3] [--k 10] [--work DIR]
+usage: benches/prep_bench.py [--size medium] [--repeat 3] [--k 10] [--work DIR]
 """
 import argparse, json, os, shutil, statistics, subprocess, sys, tempfile, time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(cmd, shell=False):
