@@ -1,4 +1,4 @@
-//! One crafted image per class of `unpack-threats.md`. Each is prepared over an existing
+//! One crafted image per known class of hostile image. Each is prepared over an existing
 //! `php-1.0`; each must be refused with a message naming the problem (and the layer and
 //! entry where there is one), leave the live tree and everything around it unchanged, and
 //! leave nothing behind.
