@@ -10,7 +10,7 @@ use crate::plan::{check_layer_count, plan_shared, plan_version, LayerPlan};
 use crate::publish::{BlobSource, Publisher, PushStats};
 use crate::report::{ImageReport, LayerReport, Report};
 use crate::spec::{BaseImage, Spec};
-use crate::walk::{walk, Excludes, WalkError};
+use crate::walk::{walk_with, Excludes, WalkError};
 use oci_core::digest::Digest;
 use oci_core::media;
 use oci_core::reference::{ImageRef, Reference};
@@ -195,15 +195,23 @@ pub async fn build(spec: &Spec, opts: &BuildOptions) -> Result<Report, BuildErro
     // Walk every tree (in parallel) and plan the layers.
     let t_walk = Instant::now();
     let spec2 = spec.clone();
+    let cache_dir = opts.cache_dir.clone();
     let (shared_plans, version_plans) = tokio::task::spawn_blocking(move || -> Result<_, BuildError> {
+        let cache = Cache::open(&cache_dir)?;
         let ex = Excludes::new(&spec2.exclude);
-        let shared: Result<Vec<LayerPlan>, WalkError> =
-            spec2.shared.par_iter().map(|t| Ok(plan_shared(t, walk(&t.source, &ex, spec2.symlinks)?))).collect();
-        let versions: Result<Vec<Vec<LayerPlan>>, WalkError> = spec2
-            .versions
-            .par_iter()
-            .map(|t| Ok(plan_version(t, walk(&t.source, &ex, spec2.symlinks)?, &spec2.splits)))
-            .collect();
+        // Walk a tree, reusing the listings of its last walk; keep the new ones.
+        let walk_tree = |root: &std::path::Path| -> Result<Vec<crate::walk::Entry>, BuildError> {
+            let prev = cache.load_walk(root, &spec2.exclude);
+            let (entries, next) = walk_with(root, &ex, spec2.symlinks, prev.as_ref())?;
+            if let Some(next) = next {
+                cache.save_walk(root, &spec2.exclude, &next)?;
+            }
+            Ok(entries)
+        };
+        let shared: Result<Vec<LayerPlan>, BuildError> =
+            spec2.shared.par_iter().map(|t| Ok(plan_shared(t, walk_tree(&t.source)?))).collect();
+        let versions: Result<Vec<Vec<LayerPlan>>, BuildError> =
+            spec2.versions.par_iter().map(|t| Ok(plan_version(t, walk_tree(&t.source)?, &spec2.splits))).collect();
         Ok((shared?, versions?))
     })
     .await

@@ -7,6 +7,7 @@
 //! <cache>/slots/<hash>.json        per layer slot: state digest and last content key
 //! <cache>/slots/<hash>.files.json  per layer slot: each file's lstat facts and sha256
 //! <cache>/pushed/<host>-<digest>    the registry repository a blob was last pushed to
+//! <cache>/walks/<hash>.bin          per source tree: directory listings of the last walk
 //! ```
 //!
 //! The content key of a layer is the sha256 of the build parameters and the layer's table
@@ -16,7 +17,7 @@
 //! and every blob is checked (by its recorded stat, or by rehashing) before reuse; a
 //! corrupt entry is deleted and rebuilt, never used.
 
-use crate::walk::Stat;
+use crate::walk::{Snapshot, Stat};
 use oci_core::digest::{digest_reader, Digest};
 use oci_core::layout::{Layout, LayoutError};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -104,7 +105,7 @@ impl Cache {
     }
 
     pub fn open(root: &Path) -> Result<Cache, CacheError> {
-        for sub in ["layers", "slots", "pushed"] {
+        for sub in ["layers", "slots", "pushed", "walks"] {
             let p = root.join(sub);
             fs::create_dir_all(&p).map_err(|source| CacheError::Io {
                 path: p,
@@ -200,6 +201,43 @@ impl Cache {
     pub fn load_slot(&self, slot: &str, source: &Path, params: &Digest) -> Option<SlotRecord> {
         let r: SlotRecord = self.read_sealed(&self.slot_path(slot, source, "json"))?;
         (r.slot == slot && r.source == source && &r.params == params).then_some(r)
+    }
+
+    fn walk_path(&self, root: &Path, excludes: &[String]) -> PathBuf {
+        let id = Digest::of(format!("{}\0{}", root.display(), excludes.join("\0")).as_bytes());
+        self.root.join("walks").join(format!("{}.bin", id.hex()))
+    }
+
+    /// The directory listings kept by the last walk of `root` (none when missing or corrupt).
+    pub fn load_walk(&self, root: &Path, excludes: &[String]) -> Option<Snapshot> {
+        let path = self.walk_path(root, excludes);
+        let bytes = fs::read(&path).ok()?;
+        let s = Snapshot::decode(&bytes);
+        if s.is_none() {
+            tracing::warn!("walk snapshot {} is corrupt; ignoring it", path.display());
+            let _ = fs::remove_file(&path);
+        }
+        s
+    }
+
+    /// Keep a walk's listings. They are only a hint checked against every directory's
+    /// lstat, so a torn write costs a full walk, never a wrong one: no fsync.
+    pub fn save_walk(&self, root: &Path, excludes: &[String], s: &Snapshot) -> Result<(), CacheError> {
+        let path = self.walk_path(root, excludes);
+        let io = |what| {
+            let path = path.clone();
+            move |source| CacheError::Io { path, what, source }
+        };
+        let dir = self.root.join("walks");
+        let mut tmp =
+            tempfile::Builder::new().prefix(".tmp-").tempfile_in(&dir).map_err(io("cannot create snapshot"))?;
+        io::Write::write_all(&mut tmp, &s.encode()).map_err(io("cannot write snapshot"))?;
+        tmp.persist(&path).map_err(|e| CacheError::Io {
+            path: path.clone(),
+            what: "cannot replace snapshot",
+            source: e.error,
+        })?;
+        Ok(())
     }
 
     /// The per-file records of a slot (empty when missing or corrupt).
