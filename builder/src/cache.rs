@@ -54,6 +54,9 @@ pub struct LayerRecord {
     pub toc_size: u64,
     /// lstat of the blob when it was verified, to skip rehashing it.
     pub blob_stat: BlobStat,
+    /// The blob's frames in order, so a rebuild of the slot can reuse unchanged ones.
+    #[serde(default)]
+    pub frames: Vec<crate::compress::Frame>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -327,6 +330,7 @@ mod tests {
             toc_digest: toc,
             toc_size,
             blob_stat: BlobStat::of(&c.blob_path(&digest))?,
+            frames: Vec::new(),
         };
         c.save_layer(&rec)?;
         assert_eq!(c.lookup_layer(&key), Some(rec.clone()));

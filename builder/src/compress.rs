@@ -1,16 +1,18 @@
 //! Block-parallel compression with output independent of the thread count.
 //!
-//! The uncompressed tar stream is cut into fixed-size blocks; each block becomes one
-//! independent zstd frame or gzip member, compressed on a shared thread pool, and the
-//! results are written in order. Concatenated frames/members are valid zstd/gzip streams.
-//! A writer thread hashes the uncompressed stream (the DiffID) and the compressed one
-//! (the blob digest) while the producer keeps reading files. Memory is bounded by a
-//! global budget of blocks in flight.
+//! The uncompressed tar stream is cut into segments (see [`BlockSink`]); each segment
+//! becomes one independent zstd frame or gzip member, compressed on a shared thread pool,
+//! and the results are written in order. Concatenated frames/members are valid zstd/gzip
+//! streams. A writer thread hashes the uncompressed stream (the DiffID) and the compressed
+//! one (the blob digest) while the producer keeps reading files. Memory is bounded by a
+//! global budget of segments in flight.
 
 use crate::spec::{Algorithm, Compression};
 use oci_core::digest::{Digest, Hasher};
+use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -84,6 +86,14 @@ pub fn compress_block(c: &Compression, block: &[u8]) -> io::Result<Vec<u8>> {
     }
 }
 
+/// One compressed frame of a layer: its segment key, uncompressed and compressed sizes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Frame {
+    pub key: Digest,
+    pub raw: u64,
+    pub packed: u64,
+}
+
 /// What a finished layer stream produced.
 #[derive(Debug, Clone)]
 pub struct Sealed {
@@ -91,35 +101,99 @@ pub struct Sealed {
     pub uncompressed_size: u64,
     pub digest: Digest,
     pub size: u64,
+    pub frames: Vec<Frame>,
+    /// Uncompressed bytes whose frame was taken from an earlier blob instead of compressed.
+    pub reused: u64,
 }
 
-type Item = (Arc<Vec<u8>>, Receiver<io::Result<Vec<u8>>>);
+/// Frames of an earlier blob of the same layer slot, found by segment key. A frame is
+/// used only after it decompresses to exactly the bytes it stands for, so a stale or
+/// damaged earlier blob costs a compression, never a wrong layer.
+pub struct Reuse {
+    file: File,
+    algorithm: Algorithm,
+    frames: HashMap<Digest, (u64, u64, u64)>,
+}
+
+impl Reuse {
+    pub fn new(file: File, algorithm: Algorithm, frames: &[Frame]) -> Reuse {
+        let mut at = 0u64;
+        let mut map = HashMap::new();
+        for f in frames {
+            map.entry(f.key.clone()).or_insert((at, f.packed, f.raw));
+            at += f.packed;
+        }
+        Reuse { file, algorithm, frames: map }
+    }
+
+    fn frame_for(&self, key: &Digest, block: &[u8]) -> Option<Vec<u8>> {
+        let &(off, packed, raw) = self.frames.get(key)?;
+        if raw != block.len() as u64 {
+            return None;
+        }
+        let mut frame = vec![0u8; usize::try_from(packed).ok()?];
+        self.file.read_exact_at(&mut frame, off).ok()?;
+        let plain = match self.algorithm {
+            Algorithm::Zstd => zstd::bulk::decompress(&frame, block.len()).ok()?,
+            Algorithm::Gzip => {
+                let mut out = Vec::with_capacity(block.len());
+                flate2::read::GzDecoder::new(&frame[..]).take(raw + 1).read_to_end(&mut out).ok()?;
+                out
+            }
+        };
+        (plain == block).then_some(frame)
+    }
+}
+
+type Item = (Arc<Vec<u8>>, Digest, Receiver<io::Result<(Vec<u8>, bool)>>);
 
 /// A `Write` sink that compresses into `out` in parallel.
+///
+/// The stream is cut into segments at entry boundaries chosen by a hash of the entry's
+/// path (`begin_entry`/`end_entry`), about `block_size` long, between a quarter and three
+/// times that. Cut points depend only on paths and sizes, so an edit moves at most the
+/// cuts next to it, and the other segments keep their bytes: a rebuild takes their frames
+/// from the slot's previous blob ([`Reuse`]) instead of compressing them again. A
+/// segment's key hashes the (path, offset, length) of each entry piece it holds.
 pub struct BlockSink {
     engine: Arc<Engine>,
     block: Vec<u8>,
     tx: Option<SyncSender<Item>>,
     writer: Option<JoinHandle<io::Result<Sealed>>>,
+    reuse: Option<Arc<Reuse>>,
+    key: Hasher,
+    path: String,
+    entry_off: u64,
+    piece_start: u64,
 }
 
 impl BlockSink {
-    pub fn new(engine: Arc<Engine>, mut out: File) -> Self {
+    pub fn new(engine: Arc<Engine>, out: File) -> Self {
+        Self::with_reuse(engine, out, None)
+    }
+
+    pub fn with_reuse(engine: Arc<Engine>, mut out: File, reuse: Option<Reuse>) -> Self {
         let (tx, rx) = sync_channel::<Item>(engine.budget_hint());
         let budget = engine.budget.clone();
         let writer = std::thread::Builder::new().name("layer-writer".into()).spawn(move || {
             let mut raw = Hasher::new();
             let mut packed = Hasher::new();
+            let mut frames = Vec::new();
+            let mut reused = 0u64;
             let mut result = Ok(());
-            for (block, done) in rx {
+            for (block, key, done) in rx {
                 raw.update(&block);
                 let r = done.recv().unwrap_or_else(|_| Err(io::Error::other("compression task vanished")));
                 budget.release();
                 if result.is_err() {
                     continue;
                 }
-                result = r.and_then(|c| {
+                result = r.and_then(|(c, was_reused)| {
                     packed.update(&c);
+                    if was_reused {
+                        reused += block.len() as u64;
+                    }
+                    frames.push(Frame { key, raw: block.len() as u64, packed: c.len() as u64 });
                     out.write_all(&c)
                 });
             }
@@ -127,17 +201,68 @@ impl BlockSink {
             out.sync_data()?;
             let (diff_id, uncompressed_size) = raw.finish();
             let (digest, size) = packed.finish();
-            Ok(Sealed { diff_id, uncompressed_size, digest, size })
+            Ok(Sealed { diff_id, uncompressed_size, digest, size, frames, reused })
         });
         let (tx, writer) = match writer {
             Ok(h) => (Some(tx), Some(h)),
             Err(_) => (None, None),
         };
-        let cap = engine.compression.block_size;
-        BlockSink { engine, block: Vec::with_capacity(cap), tx, writer }
+        let block = Vec::with_capacity(engine.compression.block_size);
+        BlockSink {
+            engine,
+            block,
+            tx,
+            writer,
+            reuse: reuse.map(Arc::new),
+            key: Hasher::new(),
+            path: String::new(),
+            entry_off: 0,
+            piece_start: 0,
+        }
+    }
+
+    fn max_segment(&self) -> usize {
+        3 * self.engine.compression.block_size
+    }
+
+    /// The next bytes written belong to the tar entry for `path`.
+    pub fn begin_entry(&mut self, path: &str) {
+        self.close_piece();
+        self.path.clear();
+        self.path.push_str(path);
+        self.entry_off = 0;
+        self.piece_start = 0;
+    }
+
+    /// The current entry is complete: cut here if its path says so.
+    pub fn end_entry(&mut self) -> io::Result<()> {
+        let avg = self.engine.compression.block_size as u64;
+        let min = avg / 4;
+        if (self.block.len() as u64) < min {
+            return Ok(());
+        }
+        // FNV-1a: stable across builds and machines, which is all a cut rule needs.
+        let h =
+            self.path.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        if h % (avg - min).max(1) < self.entry_off {
+            self.dispatch()?;
+        }
+        Ok(())
+    }
+
+    fn close_piece(&mut self) {
+        if self.entry_off > self.piece_start {
+            self.key.update(self.path.as_bytes());
+            self.key.update(&[0]);
+            self.key.update(&self.piece_start.to_le_bytes());
+            self.key.update(&(self.entry_off - self.piece_start).to_le_bytes());
+            self.piece_start = self.entry_off;
+        }
     }
 
     fn dispatch(&mut self) -> io::Result<()> {
+        self.close_piece();
+        let key = std::mem::replace(&mut self.key, Hasher::new()).finish().0;
         if self.block.is_empty() {
             return Ok(());
         }
@@ -147,11 +272,17 @@ impl BlockSink {
         let (done_tx, done_rx) = sync_channel(1);
         let b = block.clone();
         let c = self.engine.compression.clone();
+        let reuse = self.reuse.clone();
+        let k = key.clone();
         self.engine.pool.spawn(move || {
-            let _ = done_tx.send(compress_block(&c, &b));
+            let r = match reuse.as_ref().and_then(|r| r.frame_for(&k, &b)) {
+                Some(frame) => Ok((frame, true)),
+                None => compress_block(&c, &b).map(|f| (f, false)),
+            };
+            let _ = done_tx.send(r);
         });
         let Some(tx) = &self.tx else { return Err(io::Error::other("layer writer thread could not start")) };
-        tx.send((block, done_rx)).map_err(|_| io::Error::other("layer writer stopped"))
+        tx.send((block, key, done_rx)).map_err(|_| io::Error::other("layer writer stopped"))
     }
 
     pub fn finish(mut self) -> io::Result<Sealed> {
@@ -173,11 +304,12 @@ impl Engine {
 impl Write for BlockSink {
     fn write(&mut self, mut buf: &[u8]) -> io::Result<usize> {
         let total = buf.len();
-        let cap = self.engine.compression.block_size;
+        let cap = self.max_segment();
         while !buf.is_empty() {
             let room = cap - self.block.len();
             let n = room.min(buf.len());
             self.block.extend_from_slice(&buf[..n]);
+            self.entry_off += n as u64;
             buf = &buf[n..];
             if self.block.len() == cap {
                 self.dispatch()?;
@@ -202,7 +334,6 @@ impl Drop for BlockSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read;
 
     fn run(jobs: usize, alg: Algorithm, data: &[u8]) -> Result<(Sealed, Vec<u8>), Box<dyn std::error::Error>> {
         let c = Compression { algorithm: alg, level: 3, block_size: 64 * 1024 };
@@ -215,6 +346,67 @@ mod tests {
         let sealed = s.finish()?;
         let bytes = std::fs::read(t.path())?;
         Ok((sealed, bytes))
+    }
+
+    /// Write `entries` (path, bytes) as a stream of entries, reusing frames from `reuse`.
+    fn run_entries(
+        alg: Algorithm,
+        entries: &[(String, Vec<u8>)],
+        reuse: Option<Reuse>,
+    ) -> Result<(Sealed, Vec<u8>), Box<dyn std::error::Error>> {
+        let c = Compression { algorithm: alg, level: 3, block_size: 64 * 1024 };
+        let engine = Engine::new(2, c)?;
+        let t = tempfile::NamedTempFile::new()?;
+        let mut s = BlockSink::with_reuse(engine, t.reopen()?, reuse);
+        for (path, data) in entries {
+            s.begin_entry(path);
+            s.write_all(data)?;
+            s.end_entry()?;
+        }
+        let sealed = s.finish()?;
+        Ok((sealed, std::fs::read(t.path())?))
+    }
+
+    #[test]
+    fn unchanged_segments_are_reused_and_output_equals_a_fresh_build() -> Result<(), Box<dyn std::error::Error>> {
+        // 300 entries of 1-40 KiB, one very large one; then one entry in the middle grows.
+        let mut entries: Vec<(String, Vec<u8>)> = (0..300u32)
+            .map(|i| {
+                let n = 1024 * (1 + (i * 7919) % 40) as usize;
+                (format!("dir/file-{i:04}"), (0..n).map(|j| ((j as u32 * 31 + i) % 253) as u8).collect())
+            })
+            .collect();
+        entries.insert(120, ("dir/big".into(), (0..700_000u32).map(|j| (j % 241) as u8).collect()));
+        for alg in [Algorithm::Zstd, Algorithm::Gzip] {
+            let dir = tempfile::tempdir()?;
+            let (old, old_bytes) = run_entries(alg, &entries, None)?;
+            assert!(old.frames.len() > 8, "{} frames", old.frames.len());
+            assert_eq!(old.reused, 0);
+            let old_path = dir.path().join("old");
+            std::fs::write(&old_path, &old_bytes)?;
+            let mut edited = entries.clone();
+            edited[200].1.extend_from_slice(b"one more line\n");
+            let (fresh, fresh_bytes) = run_entries(alg, &edited, None)?;
+            let reuse = Reuse::new(File::open(&old_path)?, alg, &old.frames);
+            let (inc, inc_bytes) = run_entries(alg, &edited, Some(reuse))?;
+            assert_eq!(inc_bytes, fresh_bytes, "reuse changed the output");
+            assert_eq!((inc.digest.clone(), inc.diff_id.clone()), (fresh.digest.clone(), fresh.diff_id.clone()));
+            assert_eq!(inc.frames, fresh.frames);
+            // Only the segments next to the edit were compressed.
+            assert!(inc.reused * 10 > inc.uncompressed_size * 7, "reused {} of {}", inc.reused, inc.uncompressed_size);
+            // Frames that do not decompress to their block are never used: point every key
+            // at the wrong frame and the output is still the fresh one.
+            let mut wrong = old.frames.clone();
+            let keys: Vec<Digest> = wrong.iter().map(|f| f.key.clone()).collect();
+            for (i, f) in wrong.iter_mut().enumerate() {
+                f.key = keys[(i + 1) % keys.len()].clone();
+            }
+            let reuse = Reuse::new(File::open(&old_path)?, alg, &wrong);
+            let (bad, bad_bytes) = run_entries(alg, &edited, Some(reuse))?;
+            assert_eq!(bad_bytes, fresh_bytes);
+            assert_eq!(bad.reused, 0);
+        }
+        Ok(())
     }
 
     #[test]

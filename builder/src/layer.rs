@@ -9,7 +9,7 @@
 //!    compress in one pass.
 
 use crate::cache::{Cache, CacheError, LayerRecord, SlotFile, SlotRecord, RACY_NS};
-use crate::compress::{BlockSink, Engine};
+use crate::compress::{BlockSink, Engine, Reuse};
 use crate::plan::LayerPlan;
 use crate::spec::{Algorithm, Compression, Ownership};
 use crate::tarball::{Fixed, TarError, TarWriter};
@@ -331,12 +331,27 @@ impl LayerBuilder<'_> {
         // Write the layer.
         let tmp = self.cache.tmp_blob().map_err(cache_err)?;
         let out = tmp.reopen().map_err(|source| LayerError::Compress { slot: slot.to_string(), source })?;
-        let sink = BlockSink::new(self.engine.clone(), out);
+        // The slot's previous blob lends the frames of segments that did not change.
+        let algorithm = self.engine.compression.algorithm;
+        let reuse = previous
+            .as_ref()
+            .and_then(|p| p.last_key.as_ref())
+            .and_then(|k| self.cache.lookup_layer(k))
+            .filter(|r| !r.frames.is_empty() && r.media_type == layer_media_type(&self.engine.compression))
+            .and_then(|r| {
+                File::open(self.cache.blob_path(&r.digest)).ok().map(|f| Reuse::new(f, algorithm, &r.frames))
+            });
+        let sink = BlockSink::with_reuse(self.engine.clone(), out, reuse);
         let fixed = Fixed { uid: self.ownership.uid, gid: self.ownership.gid, mtime: self.ownership.mtime };
         let mut w = TarWriter::new(sink, fixed);
         let tar_err = |source| LayerError::Tar { slot: slot.to_string(), source };
+        let seg_err = |source| LayerError::Compress { slot: slot.to_string(), source };
         let mut written: HashMap<&str, Digest> = HashMap::new();
         for it in &items {
+            w.sink().begin_entry(match it {
+                Item::Dir(p) => p,
+                Item::Symlink { path, .. } | Item::File { path, .. } => path,
+            });
             match it {
                 Item::Dir(p) => w.dir(p, self.ownership.dir_mode).map_err(tar_err)?,
                 Item::Symlink { path, target } => w.symlink(path, target).map_err(tar_err)?,
@@ -371,7 +386,9 @@ impl LayerBuilder<'_> {
                     written.insert(entry.rel.as_str(), d);
                 }
             }
+            w.sink().end_entry().map_err(seg_err)?;
         }
+        w.sink().begin_entry("\0end of archive");
         let sink = w.finish().map_err(tar_err)?;
         let sealed = sink.finish().map_err(|source| LayerError::Compress { slot: slot.to_string(), source })?;
         let toc = toc_of(&items, self.ownership, &written);
@@ -389,6 +406,7 @@ impl LayerBuilder<'_> {
             toc_digest,
             toc_size,
             blob_stat,
+            frames: sealed.frames,
         };
         self.cache.save_layer(&record).map_err(cache_err)?;
         self.save_slot(plan, &state, &written, &key, started_ns).map_err(cache_err)?;
@@ -397,7 +415,7 @@ impl LayerBuilder<'_> {
             record,
             rebuilt: true,
             bytes_read,
-            bytes_compressed: sealed.uncompressed_size,
+            bytes_compressed: sealed.uncompressed_size - sealed.reused,
             duration: started.elapsed(),
         })
     }

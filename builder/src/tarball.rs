@@ -172,6 +172,11 @@ impl<W: Write> TarWriter<W> {
     }
 
     /// Write the end-of-archive marker and hand back the sink.
+    /// The sink, to tell it where entries begin and end.
+    pub fn sink(&mut self) -> &mut W {
+        &mut self.out
+    }
+
     pub fn finish(mut self) -> Result<W, TarError> {
         self.out.write_all(&[0u8; 2 * BLOCK]).map_err(TarError::Write)?;
         Ok(self.out)

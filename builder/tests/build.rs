@@ -177,6 +177,32 @@ fn one_changed_file_changes_exactly_one_layer() -> R {
     Ok(())
 }
 
+/// A rebuild takes the frames of unchanged segments from the slot's previous blob, and
+/// the result is byte for byte what a cold build of the edited tree makes.
+#[test]
+fn incremental_rebuild_reuses_frames_and_equals_a_cold_build() -> R {
+    let tmp = tempfile::tempdir()?;
+    let t = train(tmp.path(), 1)?;
+    let mut spec = Spec::load(&t.spec)?;
+    spec.compression.block_size = 64 * 1024;
+    let (out, cache) = (tmp.path().join("out"), tmp.path().join("cache"));
+    run_build(&spec, &opts(&out, &cache, 2))?;
+    let (mut compressed, mut read) = (0u64, 0u64);
+    for seed in 0..3u64 {
+        mwfixture::edit_files(&spec.versions[0].source, 2, 500 + seed)?;
+        let inc = run_build(&spec, &opts(&out, &cache, 2))?;
+        let fresh = (tmp.path().join(format!("cold{seed}")), tmp.path().join(format!("cold-cache{seed}")));
+        let cold = run_build(&spec, &opts(&fresh.0, &fresh.1, 1))?;
+        assert_eq!(digests(&inc), digests(&cold), "incremental rebuild {seed} differs from a cold build");
+        for l in inc.layers.iter().filter(|l| l.rebuilt) {
+            compressed += l.bytes_compressed;
+            read += l.bytes_read;
+        }
+    }
+    assert!(read > 0 && compressed * 2 < read, "rebuilt layers compressed {compressed} of {read} bytes");
+    Ok(())
+}
+
 #[test]
 fn touched_tree_is_rehashed_not_recompressed() -> R {
     let tmp = tempfile::tempdir()?;
