@@ -615,7 +615,8 @@ mod tests {
         let (again, next) = walk_trusting(r, &ex, SymlinkPolicy::Inside, Some(&snap), trust_all)?;
         assert_eq!(facts(&again), facts(&first));
         assert!(next.is_none());
-        let steps: Vec<Box<dyn Fn(&Path) -> std::io::Result<()>>> = vec![
+        type Step = Box<dyn Fn(&Path) -> std::io::Result<()>>;
+        let steps: Vec<Step> = vec![
             Box::new(|r| fs::write(r.join("a/b/new"), b"n")),
             Box::new(|r| fs::remove_file(r.join("a/b/c/3"))),
             Box::new(|r| fs::write(r.join("a/1"), b"changed content")),
@@ -642,7 +643,7 @@ mod tests {
         assert_eq!(facts(&cached), facts(&walk(r, &ex, SymlinkPolicy::Inside)?));
         // Listings changed within the racy window are not kept.
         let (_, s) = walk_with(r, &ex, SymlinkPolicy::Inside, None)?;
-        assert!(s.ok_or("snapshot")?.dirs.get("d").is_none(), "d was just changed");
+        assert!(!s.ok_or("snapshot")?.dirs.contains_key("d"), "d was just changed");
         // A damaged snapshot is refused.
         let mut bytes = snap.encode();
         let last = bytes.len() - 1;
