@@ -47,7 +47,7 @@ pub const FIELDS: &[(&str, &str, &str)] = &[
     ("compression", "table", "Layer compression."),
     ("compression.algorithm", "\"zstd\" (default) or \"gzip\"", "zstd layers are application/vnd.oci.image.layer.v1.tar+zstd, gzip ones ...tar+gzip."),
     ("compression.level", "integer, default 3 (zstd) / 6 (gzip)", "Compression level (zstd 1..=19, gzip 1..=9)."),
-    ("compression.block_size_kib", "integer 64..=65536, default 4096", "The tar stream is cut into blocks of this size, each compressed as an independent zstd frame or gzip member, in parallel; the output does not depend on the thread count."),
+    ("compression.block_size_kib", "integer 64..=65536, default 4096", "Average size of the segments the tar stream is cut into (at entry boundaries chosen by a hash of the path; between a quarter and three times this size). Each segment is compressed as an independent zstd frame or gzip member, in parallel, so the output does not depend on the thread count, and a rebuild reuses the frames of unchanged segments."),
     ("ownership", "table", "Owner and mode policy for every entry of the MediaWiki layers."),
     ("ownership.uid", "integer, default 0", "Owner uid of every entry."),
     ("ownership.gid", "integer, default 0", "Owner gid of every entry."),
