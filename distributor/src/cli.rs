@@ -69,6 +69,9 @@ pub struct OriginArgs {
     /// Registry auth file (docker `config.json`) for the upstream.
     #[arg(long)]
     pub auth_file: Option<PathBuf>,
+    /// Requests handled at once; more are refused at once with 503 and `Retry-After`.
+    #[arg(long, env = "MWDIST_MAX_REQUESTS", default_value_t = crate::cap::ORIGIN_MAX_REQUESTS)]
+    pub max_requests: usize,
     #[command(flatten)]
     pub secret: SecretArgs,
 }
@@ -94,6 +97,10 @@ pub struct AgentArgs {
     /// Disk bound for complete blobs; least-recently-used unpinned ones are evicted.
     #[arg(long, env = "MWDIST_CACHE_MAX", value_parser = parse_size)]
     pub cache_max: Option<u64>,
+    /// Requests the peer port handles at once; more are refused at once with 503 and
+    /// `Retry-After`, and the requester asks another peer.
+    #[arg(long, env = "MWDIST_MAX_REQUESTS", default_value_t = crate::cap::AGENT_MAX_REQUESTS)]
+    pub max_requests: usize,
     /// Testing only: serve corrupted pieces to peers.
     #[arg(long, hide = true)]
     pub corrupt: bool,
@@ -151,6 +158,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 cache_dir: a.cache_dir,
                 secret: a.secret.load()?,
                 rate_up: a.rate_up,
+                max_requests: a.max_requests,
             };
             let (_o, running) = Origin::serve(&opts).await?;
             ready(&format!("mwdist origin listening={}", running.addr));
@@ -168,6 +176,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 rate_up: a.rate_up,
                 rate_down: a.rate_down,
                 cache_max: a.cache_max,
+                max_requests: a.max_requests,
                 corrupt: a.corrupt,
             };
             let running = Agent::start(opts).await?;

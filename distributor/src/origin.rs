@@ -9,6 +9,7 @@
 
 use crate::api::{self, registry_error, Announce, PIECE_INDEX, PIECE_SHA256};
 use crate::auth::{self, Secret};
+use crate::cap::{self, RequestCap};
 use crate::engine::origin_choose;
 use crate::limit::{throttled_body, RateLimiter};
 use crate::metrics::{Metrics, M};
@@ -50,6 +51,8 @@ pub struct OriginOptions {
     pub secret: Secret,
     /// Upload cap, bytes/s.
     pub rate_up: Option<u64>,
+    /// Requests handled at once; more get `503` (see [`crate::cap`]).
+    pub max_requests: usize,
 }
 
 pub struct Origin {
@@ -61,6 +64,7 @@ pub struct Origin {
     /// Concurrent piece uploads (see [`crate::limit::UPLOAD_SLOTS`]).
     slots: Arc<tokio::sync::Semaphore>,
     pub metrics: Arc<Metrics>,
+    cap: RequestCap,
 }
 
 /// One blob, being fetched or complete.
@@ -127,14 +131,16 @@ impl Origin {
         for sub in ["blobs", "partial", "pieces"] {
             std::fs::create_dir_all(opts.cache_dir.join(sub))?;
         }
+        let metrics = Arc::new(Metrics::default());
         Ok(Arc::new(Origin {
+            cap: RequestCap::new(opts.max_requests, metrics.clone()),
             upstream: opts.upstream.clone(),
             cache_dir: opts.cache_dir.clone(),
             blobs: Default::default(),
             tracker: Tracker::default(),
             up: Arc::new(RateLimiter::new(opts.rate_up)),
             slots: Arc::new(tokio::sync::Semaphore::new(SEED_SLOTS)),
-            metrics: Arc::new(Metrics::default()),
+            metrics,
         }))
     }
 
@@ -259,6 +265,7 @@ impl Origin {
             .route("/dist/v1/seed/{digest}", get(seed_handler))
             .route("/dist/v1/announce", post(announce_handler))
             .layer(axum::middleware::from_fn_with_state(secret, auth::require))
+            .layer(axum::middleware::from_fn_with_state(self.cap.clone(), cap::limit))
             .with_state(self.clone());
         let me = self.clone();
         authed.route("/metrics", get(move || async move { me.metrics.render("origin") }))

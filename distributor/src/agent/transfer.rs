@@ -315,10 +315,13 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
                 }
                 Some(Pick::Origin) => {
                     // Tell the origin what not to send: what we have, are fetching, or
-                    // can get from a peer we have not dropped.
+                    // can get from a peer we have not dropped and that is not refusing
+                    // (busy, or at its request cap).
                     let mut skip = have.clone();
                     for (i, &c) in pending.iter().enumerate() {
-                        let from_peer = peers.iter().any(|(a, p)| p.have.get(i) && !agent.is_banned(a));
+                        let from_peer = peers.iter().any(|(a, p)| {
+                            p.have.get(i) && !agent.is_banned(a) && p.busy_until.is_none_or(|t| t <= now)
+                        });
                         if c > 0 || from_peer {
                             skip.set(i);
                         }

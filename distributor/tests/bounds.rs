@@ -1,0 +1,154 @@
+//! Bounds and recovery, end to end (a real registry upstream, `mwdist` roles as child
+//! processes on loopback): request caps, the origin's disk bound, origins sharing one
+//! tracker, and an agent restart resuming a partial blob.
+
+mod common;
+
+use common::*;
+use futures_util::FutureExt as _;
+use oci_core::testing::TestRegistry;
+use oci_core::Digest;
+use std::time::{Duration, Instant};
+
+const REPO: &str = "mw/app";
+
+struct World {
+    reg: TestRegistry,
+    tmp: tempfile::TempDir,
+    layers: Vec<Digest>,
+    /// Blob sizes of the layers.
+    sizes: Vec<u64>,
+}
+
+impl World {
+    async fn new(sizes: &[usize]) -> World {
+        let reg = TestRegistry::start().expect("start docker-registry");
+        let tmp = tempdir();
+        let (_, layers) = write_image(&tmp.path().join("src"), "v1", sizes);
+        push(&tmp.path().join("src"), "v1", &reg.host(), REPO).await;
+        let sizes = sizes.iter().enumerate().map(|(i, &n)| layer(i, n).len() as u64).collect();
+        World { reg, tmp, layers, sizes }
+    }
+
+    fn upstream(&self) -> String {
+        format!("docker://{}", self.reg.host())
+    }
+
+    fn origin(&self, name: &str, extra: &[&str]) -> Proc {
+        let cache = self.tmp.path().join(name);
+        let cache = cache.to_str().expect("utf-8 path");
+        let up = self.upstream();
+        let mut args = vec!["origin", "--upstream", &up, "--listen", "127.0.0.1:0", "--cache-dir", cache];
+        args.extend_from_slice(extra);
+        Proc::start(&args)
+    }
+}
+
+fn bearer() -> String {
+    format!("Bearer {SECRET}")
+}
+
+/// Wait (at most `limit`) until `cond` holds; whether it did.
+async fn eventually<F, Fut>(limit: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Ask the tracker at `tracker` for the peers of `d` (as a peer holding nothing, which
+/// nobody asks for pieces); how many of them hold every piece.
+async fn seeders(tracker: &str, d: &Digest, size: u64) -> usize {
+    let n = mwdist::pieces::Geometry::for_size(size).count();
+    let empty = mwdist::pieces::Bitfield::new(n);
+    let a = mwdist::api::Announce {
+        peer_id: "test-observer".into(),
+        addr: "127.0.0.1:9".into(),
+        digest: d.to_string(),
+        pieces: n,
+        have: empty.to_hex(),
+    };
+    let url = format!("http://{tracker}/dist/v1/announce");
+    let Ok(r) = client().post(url).header("authorization", bearer()).json(&a).send().await else { return 0 };
+    let Ok(reply) = r.json::<mwdist::api::AnnounceReply>().await else { return 0 };
+    reply.peers.iter().filter(|p| mwdist::pieces::Bitfield::from_hex(&p.have, n).is_some_and(|b| b.is_full())).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_at_its_request_cap_refuses_at_once_and_pullers_go_elsewhere() {
+    // 9 MiB: 128 KiB pieces, more than one burst of the rate limiter, so that a piece
+    // sent at 1 KiB/s stays in flight for the whole test.
+    let sizes = [9 << 20];
+    let w = World::new(&sizes).await;
+    let d = &w.layers[0];
+    let origin = w.origin("origin", &[]);
+    let o = origin.field("listening");
+    let a = agent(&o, &w.tmp.path().join("a"), &["--max-requests", "1", "--rate-up", "1K"]);
+    let bytes = get_blob(&a.field("mirror"), REPO, d).await.expect("agent a pulls");
+    assert_eq!(Digest::of(&bytes), *d);
+    let c = client();
+    let peer = a.field("peer");
+    let piece = |i: usize| format!("http://{peer}/dist/v1/piece/{d}/{i}");
+
+    // One request in flight (its body crawls at 1 KiB/s) takes the only slot.
+    let mut held = c.get(piece(0)).header("authorization", bearer()).send().await.expect("piece 0");
+    assert_eq!(held.status(), 200);
+    assert!(held.chunk().await.expect("first bytes of piece 0").is_some());
+    let refused = c.get(piece(1)).header("authorization", bearer()).send().await.expect("piece 1");
+    assert_eq!(refused.status(), 503, "a second request is refused");
+    assert_eq!(refused.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    assert!(refused.bytes().await.expect("body").is_empty(), "and sent nothing");
+    assert_eq!(metric(&peer, "mwdist_requests_refused_total").await, 1, "/metrics is outside the cap");
+
+    // Another agent pulling meanwhile is refused by a and gets the blob elsewhere.
+    let known =
+        eventually(Duration::from_secs(10), || seeders(&o, d, w.sizes[0]).then(|n| async move { n == 1 })).await;
+    assert!(known, "the tracker learns that a has the blob");
+    let b = agent(&o, &w.tmp.path().join("b"), &[]);
+    let bytes = get_blob(&b.field("mirror"), REPO, d).await.expect("agent b pulls despite a busy peer");
+    assert_eq!(Digest::of(&bytes), *d);
+    assert!(metric(&peer, "mwdist_requests_refused_total").await > 1, "b asked a and was refused");
+    assert_eq!(metric(&peer, "mwdist_bytes_up_total{to=\"peers\"}").await, 64 << 10, "a sent only one burst");
+
+    // The slot comes back once the held response is dropped.
+    drop(held);
+    let freed = eventually(Duration::from_secs(10), || async {
+        let r = c.get(piece(1)).header("authorization", bearer()).send().await;
+        r.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(freed, "the slot of a dropped response is released");
+
+    // The origin too: one slot, held by a piece crawling at 1 KiB/s.
+    let capped = w.origin("origin2", &["--max-requests", "1", "--rate-up", "1K"]);
+    let o2 = capped.field("listening");
+    let none = mwdist::pieces::Bitfield::new(mwdist::pieces::Geometry::for_size(w.sizes[0]).count()).to_hex();
+    let mut held = c
+        .get(format!("http://{o2}/dist/v1/seed/{d}?name={REPO}&skip={none}"))
+        .header("authorization", bearer())
+        .send()
+        .await
+        .expect("a piece from the origin");
+    assert_eq!(held.status(), 200);
+    assert!(held.chunk().await.expect("first bytes").is_some());
+    for url in [
+        format!("http://{o2}/dist/v1/pieces/{d}?name={REPO}"),
+        format!("http://{o2}/v2/{REPO}/blobs/{d}"),
+        format!("http://{o2}/v2/{REPO}/manifests/v1"),
+    ] {
+        let r = c.get(&url).header("authorization", bearer()).send().await.expect("request");
+        assert_eq!(r.status(), 503, "{url}");
+        assert!(r.headers().contains_key("retry-after"), "{url}");
+    }
+    assert_eq!(metric(&o2, "mwdist_requests_refused_total").await, 3);
+}
