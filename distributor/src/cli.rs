@@ -72,6 +72,10 @@ pub struct OriginArgs {
     /// Requests handled at once; more are refused at once with 503 and `Retry-After`.
     #[arg(long, env = "MWDIST_MAX_REQUESTS", default_value_t = crate::cap::ORIGIN_MAX_REQUESTS)]
     pub max_requests: usize,
+    /// Disk bound for complete blobs in the cache; least-recently-used ones not being
+    /// served are evicted.
+    #[arg(long, env = "MWDIST_CACHE_MAX", value_parser = parse_size)]
+    pub cache_max: Option<u64>,
     #[command(flatten)]
     pub secret: SecretArgs,
 }
@@ -159,6 +163,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 secret: a.secret.load()?,
                 rate_up: a.rate_up,
                 max_requests: a.max_requests,
+                cache_max: a.cache_max,
             };
             let (_o, running) = Origin::serve(&opts).await?;
             ready(&format!("mwdist origin listening={}", running.addr));

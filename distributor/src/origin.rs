@@ -53,11 +53,15 @@ pub struct OriginOptions {
     pub rate_up: Option<u64>,
     /// Requests handled at once; more get `503` (see [`crate::cap`]).
     pub max_requests: usize,
+    /// Disk bound for complete blobs in `cache_dir` (least recently used evicted first,
+    /// never one being served); `None`: unbounded.
+    pub cache_max: Option<u64>,
 }
 
 pub struct Origin {
     upstream: Upstream,
     cache_dir: PathBuf,
+    cache_max: Option<u64>,
     blobs: tokio::sync::Mutex<HashMap<Digest, Arc<Blob>>>,
     pub tracker: Tracker,
     up: Arc<RateLimiter>,
@@ -120,6 +124,11 @@ impl Blob {
         }
     }
 
+    /// Mark the blob as just used (for eviction).
+    fn touch(&self) {
+        let _ = self.file.set_modified(std::time::SystemTime::now());
+    }
+
     pub fn read_piece(&self, i: usize) -> std::io::Result<Vec<u8>> {
         let (start, end) = self.geo.range(i);
         crate::disk::read_at(&self.file, start, end - start)
@@ -136,6 +145,7 @@ impl Origin {
             cap: RequestCap::new(opts.max_requests, metrics.clone()),
             upstream: opts.upstream.clone(),
             cache_dir: opts.cache_dir.clone(),
+            cache_max: opts.cache_max,
             blobs: Default::default(),
             tracker: Tracker::default(),
             up: Arc::new(RateLimiter::new(opts.rate_up)),
@@ -150,6 +160,7 @@ impl Origin {
         if let Some(b) = blobs.get(d) {
             let failed = b.state.lock().unwrap_or_else(|p| p.into_inner()).failed.is_some();
             if !failed {
+                b.touch();
                 return Ok(b.clone());
             }
         }
@@ -157,8 +168,56 @@ impl Origin {
             Some(b) => b,
             None => self.start_fetch(name, d).await?,
         };
+        b.touch();
         blobs.insert(d.clone(), b.clone());
         Ok(b)
+    }
+
+    /// Evict least-recently-used complete blobs until `blobs/` holds at most
+    /// `--cache-max` bytes. A blob someone holds (a response streaming it, a piece being
+    /// sent, its fetch) is never evicted: the bound may be exceeded until it is released.
+    /// Recency is the blob file's mtime, set on every use, so it survives restarts.
+    pub async fn evict(&self) -> u64 {
+        let Some(max) = self.cache_max else { return 0 };
+        let dir = self.cache_dir.join("blobs");
+        let mut blobs = self.blobs.lock().await;
+        let mut files: Vec<(std::time::SystemTime, u64, Digest)> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let d: Digest = format!("sha256:{}", e.file_name().to_string_lossy()).parse().ok()?;
+                let m = e.metadata().ok()?;
+                Some((m.modified().ok()?, m.len(), d))
+            })
+            .collect();
+        let mut total: u64 = files.iter().map(|f| f.1).sum();
+        files.sort();
+        let mut freed = 0;
+        for (_, size, d) in files {
+            if total <= max {
+                break;
+            }
+            // The map holds one reference; any other is a request or fetch using it.
+            if blobs.get(&d).is_some_and(|b| Arc::strong_count(b) > 1) {
+                continue;
+            }
+            match std::fs::remove_file(dir.join(d.hex())) {
+                Ok(()) => {
+                    let _ = std::fs::remove_file(self.pieces_path(&d));
+                    blobs.remove(&d);
+                    self.metrics.add(M::BlobsEvicted, 1);
+                    tracing::info!("origin: evicted {d} ({size} bytes) to stay under {max} bytes");
+                    total -= size;
+                    freed += size;
+                }
+                Err(e) => tracing::warn!("origin: cannot evict {}: {e}", dir.join(d.hex()).display()),
+            }
+        }
+        if total > max {
+            tracing::info!("origin: cache holds {total} bytes, over {max}: the rest is in use");
+        }
+        freed
     }
 
     fn load_cached(&self, d: &Digest) -> Option<Arc<Blob>> {
@@ -196,11 +255,17 @@ impl Origin {
             Arc::new(Blob { digest: d.clone(), geo, file, state: Mutex::new(state), changed: watch::channel(0).0 });
         let (me, b) = (self.clone(), blob.clone());
         tokio::spawn(async move {
-            if let Err(why) = me.fetch(&b, writer, stream, partial.clone()).await {
-                tracing::error!("origin: blob {}: {why}", b.digest);
-                let _ = std::fs::remove_file(&partial);
-                b.state.lock().unwrap_or_else(|p| p.into_inner()).failed = Some(why);
-                b.bump();
+            match me.fetch(&b, writer, stream, partial.clone()).await {
+                Ok(()) => {
+                    drop(b);
+                    me.evict().await;
+                }
+                Err(why) => {
+                    tracing::error!("origin: blob {}: {why}", b.digest);
+                    let _ = std::fs::remove_file(&partial);
+                    b.state.lock().unwrap_or_else(|p| p.into_inner()).failed = Some(why);
+                    b.bump();
+                }
             }
         });
         Ok(blob)
@@ -273,6 +338,7 @@ impl Origin {
 
     pub async fn serve(opts: &OriginOptions) -> anyhow::Result<(Arc<Self>, Running)> {
         let o = Self::new(opts)?;
+        o.evict().await;
         let r = Running::bind(opts.listen, o.router(opts.secret.clone()), "origin").await?;
         Ok((o, r))
     }

@@ -152,3 +152,62 @@ async fn a_port_at_its_request_cap_refuses_at_once_and_pullers_go_elsewhere() {
     }
     assert_eq!(metric(&o2, "mwdist_requests_refused_total").await, 3);
 }
+
+/// GET `path` from `addr` with the secret on a socket with a tiny receive buffer, read the
+/// response head, and return the socket unread: the server's body stays in flight.
+async fn held_get(addr: &str, path: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.set_recv_buffer_size(4096).expect("small receive buffer");
+    let mut s = sock.connect(addr.parse().expect("address")).await.expect("connect");
+    let req = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: {}\r\n\r\n", bearer());
+    s.write_all(req.as_bytes()).await.expect("send the request");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).await.expect("response head"), 1, "the connection closed");
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_origin_cache_bound_evicts_the_least_recently_used_blob_not_being_served() {
+    let sizes = [12 << 20, 300 << 10, 300 << 10];
+    let w = World::new(&sizes).await;
+    let bound = w.sizes[0] + w.sizes[1] + (w.sizes[2] / 2);
+    let origin = w.origin("origin", &["--cache-max", &bound.to_string()]);
+    let o = origin.field("listening");
+    let c = client();
+    let get = |i: usize| {
+        let (c, url) = (c.clone(), format!("http://{o}/v2/{REPO}/blobs/{}", w.layers[i]));
+        async move {
+            let r = c.get(url).header("authorization", bearer()).send().await.expect("blob from the origin");
+            assert_eq!(r.status(), 200);
+            Digest::of(&r.bytes().await.expect("blob bytes"))
+        }
+    };
+    let cached = |i: usize| w.tmp.path().join("origin/blobs").join(w.layers[i].hex()).exists();
+    assert_eq!(get(0).await, w.layers[0]);
+    // A client is being sent blob 0 (and reads nothing) while blobs 1 then 2 are fetched.
+    let held = held_get(&o, &format!("/v2/{REPO}/blobs/{}", w.layers[0])).await;
+    assert_eq!(get(1).await, w.layers[1]);
+    assert!(cached(0) && cached(1), "under the bound");
+    assert_eq!(get(2).await, w.layers[2]);
+    let evicted = eventually(Duration::from_secs(10), || async { !cached(1) }).await;
+    assert!(evicted, "blob 1 is evicted");
+    assert!(cached(0), "blob 0 is least recently used but being served: kept");
+    assert!(cached(2), "the newest blob is kept");
+    let sent = metric(&o, "mwdist_bytes_up_total{to=\"clients\"}").await;
+    assert!(sent < 2 * w.sizes[0] + w.sizes[1] + w.sizes[2], "blob 0 was still being sent ({sent} bytes sent)");
+    // Once released, blob 0 is the first to go.
+    drop(held);
+    assert_eq!(get(1).await, w.layers[1], "an evicted blob is fetched again and verified");
+    let evicted = eventually(Duration::from_secs(10), || async { !cached(0) }).await;
+    assert!(evicted, "blob 0 is evicted once no longer served");
+    assert!(cached(1) && cached(2));
+    assert_eq!(metric(&o, "mwdist_blobs_evicted_total").await, 2);
+    let upstream = metric(&o, "mwdist_bytes_down_total{source=\"upstream\"}").await;
+    assert_eq!(upstream, w.sizes[0] + 2 * w.sizes[1] + w.sizes[2], "blob 1 was read from upstream twice");
+}
