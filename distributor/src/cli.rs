@@ -30,6 +30,8 @@ pub enum Command {
     Pin(PinArgs),
     /// Undo `pin`.
     Unpin(PinArgs),
+    /// A tracker alone, shared by several origins (`mwdist origin --tracker`).
+    Tracker(TrackerArgs),
     /// Discrete-time simulation of 1,000–10,000 nodes with the agent's selection code.
     Simulate(crate::sim::SimArgs),
 }
@@ -76,6 +78,21 @@ pub struct OriginArgs {
     /// served are evicted.
     #[arg(long, env = "MWDIST_CACHE_MAX", value_parser = parse_size)]
     pub cache_max: Option<u64>,
+    /// Use this tracker (`host:port`: another origin, or `mwdist tracker`) instead of
+    /// this origin's own; announcements sent here are forwarded to it.
+    #[arg(long, env = "MWDIST_TRACKER")]
+    pub tracker: Option<String>,
+    #[command(flatten)]
+    pub secret: SecretArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct TrackerArgs {
+    #[arg(long, env = "MWDIST_LISTEN", default_value = "0.0.0.0:7072")]
+    pub listen: SocketAddr,
+    /// Requests handled at once; more are refused at once with 503 and `Retry-After`.
+    #[arg(long, env = "MWDIST_MAX_REQUESTS", default_value_t = crate::cap::ORIGIN_MAX_REQUESTS)]
+    pub max_requests: usize,
     #[command(flatten)]
     pub secret: SecretArgs,
 }
@@ -85,6 +102,9 @@ pub struct AgentArgs {
     /// The origin/tracker, `host:port`.
     #[arg(long, env = "MWDIST_ORIGIN")]
     pub origin: String,
+    /// Announce to this tracker (`host:port`) instead of the origin's.
+    #[arg(long, env = "MWDIST_TRACKER")]
+    pub tracker: Option<String>,
     #[arg(long, env = "MWDIST_MIRROR_LISTEN", default_value = "127.0.0.1:5050")]
     pub listen: SocketAddr,
     #[arg(long, env = "MWDIST_PEER_LISTEN", default_value = "0.0.0.0:7071")]
@@ -164,6 +184,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 rate_up: a.rate_up,
                 max_requests: a.max_requests,
                 cache_max: a.cache_max,
+                tracker: a.tracker,
             };
             let (_o, running) = Origin::serve(&opts).await?;
             ready(&format!("mwdist origin listening={}", running.addr));
@@ -176,6 +197,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 peer_listen: a.peer_listen,
                 advertise: a.advertise,
                 origin: a.origin,
+                tracker: a.tracker,
                 data_dir: a.data_dir,
                 secret: a.secret.load()?,
                 rate_up: a.rate_up,
@@ -186,6 +208,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let running = Agent::start(opts).await?;
             ready(&format!("mwdist agent mirror={} peer={}", running.mirror.addr, running.peer.addr));
+            running.wait().await;
+            Ok(())
+        }
+        Command::Tracker(t) => {
+            let metrics = std::sync::Arc::new(crate::metrics::Metrics::default());
+            let router = crate::tracker::standalone_router(t.secret.load()?, t.max_requests, metrics);
+            let running = crate::server::Running::bind(t.listen, router, "tracker").await?;
+            ready(&format!("mwdist tracker listening={}", running.addr));
             running.wait().await;
             Ok(())
         }

@@ -7,7 +7,7 @@
 //! Invariants: `BlobState::hashes[i]` exists only once piece `i` is on disk; `complete`
 //! only after the digest matched and the file was renamed into `blobs/`.
 
-use crate::api::{self, registry_error, Announce, PIECE_INDEX, PIECE_SHA256};
+use crate::api::{self, registry_error, PIECE_INDEX, PIECE_SHA256};
 use crate::auth::{self, Secret};
 use crate::cap::{self, RequestCap};
 use crate::engine::origin_choose;
@@ -15,13 +15,13 @@ use crate::limit::{throttled_body, RateLimiter};
 use crate::metrics::{Metrics, M};
 use crate::pieces::{Bitfield, Geometry, PieceManifest};
 use crate::server::Running;
-use crate::tracker::Tracker;
+use crate::tracker::{Tracker, TrackerLink};
 use crate::upstream::{Upstream, UpstreamError};
 use crate::v2::{self, V2Path};
 use axum::extract::{Path as AxPath, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use futures_util::StreamExt as _;
 use oci_core::Digest;
@@ -56,6 +56,9 @@ pub struct OriginOptions {
     /// Disk bound for complete blobs in `cache_dir` (least recently used evicted first,
     /// never one being served); `None`: unbounded.
     pub cache_max: Option<u64>,
+    /// A shared tracker (`host:port`: another origin, or `mwdist tracker`) instead of
+    /// this origin's own.
+    pub tracker: Option<String>,
 }
 
 pub struct Origin {
@@ -63,7 +66,7 @@ pub struct Origin {
     cache_dir: PathBuf,
     cache_max: Option<u64>,
     blobs: tokio::sync::Mutex<HashMap<Digest, Arc<Blob>>>,
-    pub tracker: Tracker,
+    pub tracker: Arc<TrackerLink>,
     up: Arc<RateLimiter>,
     /// Concurrent piece uploads (see [`crate::limit::UPLOAD_SLOTS`]).
     slots: Arc<tokio::sync::Semaphore>,
@@ -147,7 +150,10 @@ impl Origin {
             cache_dir: opts.cache_dir.clone(),
             cache_max: opts.cache_max,
             blobs: Default::default(),
-            tracker: Tracker::default(),
+            tracker: Arc::new(match &opts.tracker {
+                Some(addr) => TrackerLink::remote(addr, opts.secret.clone())?,
+                None => TrackerLink::Local(Tracker::default()),
+            }),
             up: Arc::new(RateLimiter::new(opts.rate_up)),
             slots: Arc::new(tokio::sync::Semaphore::new(SEED_SLOTS)),
             metrics,
@@ -328,10 +334,10 @@ impl Origin {
             .route("/v2/{*rest}", get(v2_handler).head(v2_handler))
             .route("/dist/v1/pieces/{digest}", get(pieces_handler))
             .route("/dist/v1/seed/{digest}", get(seed_handler))
-            .route("/dist/v1/announce", post(announce_handler))
+            .with_state(self.clone())
+            .merge(crate::tracker::routes(self.tracker.clone()))
             .layer(axum::middleware::from_fn_with_state(secret, auth::require))
-            .layer(axum::middleware::from_fn_with_state(self.cap.clone(), cap::limit))
-            .with_state(self.clone());
+            .layer(axum::middleware::from_fn_with_state(self.cap.clone(), cap::limit));
         let me = self.clone();
         authed.route("/metrics", get(move || async move { me.metrics.render("origin") }))
     }
@@ -399,12 +405,12 @@ async fn seed_handler(State(o): State<Arc<Origin>>, AxPath(d): AxPath<String>, Q
     let mut rx = b.changed.subscribe();
     let deadline = tokio::time::Instant::now() + SEED_WAIT;
     let (i, hash) = loop {
+        let avail = o.tracker.availability(&d.to_string(), n).await;
         {
             let mut s = b.state.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(f) = &s.failed {
                 return registry_error(StatusCode::BAD_GATEWAY, "BLOB_UNKNOWN", f);
             }
-            let avail = o.tracker.availability(&d.to_string(), n);
             // The requester skips what it has, is fetching, or can get from a peer it
             // trusts. A piece goes out again only once its last copy left long enough
             // ago to be presumed lost (or held only by peers the requester dropped).
@@ -434,13 +440,6 @@ async fn seed_handler(State(o): State<Arc<Origin>>, AxPath(d): AxPath<String>, Q
         )
             .into_response(),
         Err(e) => registry_error(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", &format!("reading piece {i}: {e}")),
-    }
-}
-
-async fn announce_handler(State(o): State<Arc<Origin>>, Json(a): Json<Announce>) -> Response {
-    match o.tracker.announce(a) {
-        Ok(r) => Json(r).into_response(),
-        Err(e) => registry_error(StatusCode::BAD_REQUEST, "UNKNOWN", &e),
     }
 }
 

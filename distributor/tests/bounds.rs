@@ -111,8 +111,7 @@ async fn a_port_at_its_request_cap_refuses_at_once_and_pullers_go_elsewhere() {
     assert_eq!(metric(&peer, "mwdist_requests_refused_total").await, 1, "/metrics is outside the cap");
 
     // Another agent pulling meanwhile is refused by a and gets the blob elsewhere.
-    let known =
-        eventually(Duration::from_secs(10), || seeders(&o, d, w.sizes[0]).then(|n| async move { n == 1 })).await;
+    let known = eventually(Duration::from_secs(10), || seeders(&o, d, w.sizes[0]).map(|n| n == 1)).await;
     assert!(known, "the tracker learns that a has the blob");
     let b = agent(&o, &w.tmp.path().join("b"), &[]);
     let bytes = get_blob(&b.field("mirror"), REPO, d).await.expect("agent b pulls despite a busy peer");
@@ -210,4 +209,44 @@ async fn the_origin_cache_bound_evicts_the_least_recently_used_blob_not_being_se
     assert_eq!(metric(&o, "mwdist_blobs_evicted_total").await, 2);
     let upstream = metric(&o, "mwdist_bytes_down_total{source=\"upstream\"}").await;
     assert_eq!(upstream, w.sizes[0] + 2 * w.sizes[1] + w.sizes[2], "blob 1 was read from upstream twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origins_sharing_a_tracker_form_one_swarm_and_a_tracker_restart_loses_nothing() {
+    let sizes = [2 << 20];
+    let w = World::new(&sizes).await;
+    let d = &w.layers[0];
+    let mut tracker = Proc::start(&["tracker", "--listen", "127.0.0.1:0"]);
+    let t = tracker.field("listening");
+    let o1 = w.origin("o1", &["--tracker", &t]);
+    let o2 = w.origin("o2", &["--tracker", &t]);
+    // a1 announces to its origin, which forwards to the shared tracker.
+    let a1 = agent(&o1.field("listening"), &w.tmp.path().join("a1"), &[]);
+    let bytes = get_blob(&a1.field("mirror"), REPO, d).await.expect("a1 pulls through o1");
+    assert_eq!(Digest::of(&bytes), *d);
+    let known = eventually(Duration::from_secs(10), || seeders(&t, d, w.sizes[0]).map(|n| n == 1)).await;
+    assert!(known, "the shared tracker knows a1 holds the blob");
+    // a2, behind the other origin, finds a1 there.
+    let a2 = agent(&o2.field("listening"), &w.tmp.path().join("a2"), &[]);
+    let bytes = get_blob(&a2.field("mirror"), REPO, d).await.expect("a2 pulls through o2");
+    assert_eq!(Digest::of(&bytes), *d);
+    assert!(metric(&a2.field("peer"), "mwdist_bytes_down_total{source=\"peers\"}").await > 0, "a2 got pieces from a1");
+
+    // The tracker restarts empty; the seeders' announcements rebuild it.
+    tracker.kill();
+    tracker = Proc::start(&["tracker", "--listen", &t]);
+    assert_eq!(tracker.field("listening"), t);
+    let rebuilt = eventually(Duration::from_secs(10), || seeders(&t, d, w.sizes[0]).map(|n| n == 2)).await;
+    assert!(rebuilt, "both seeders are known again");
+    // An agent announcing to the tracker directly finds them.
+    let a3 = agent(&o1.field("listening"), &w.tmp.path().join("a3"), &["--tracker", &t]);
+    let bytes = get_blob(&a3.field("mirror"), REPO, d).await.expect("a3 pulls");
+    assert_eq!(Digest::of(&bytes), *d);
+    assert!(
+        metric(&a3.field("peer"), "mwdist_bytes_down_total{source=\"peers\"}").await > 0,
+        "a3 got pieces from peers"
+    );
+    for o in [&o1, &o2] {
+        assert_eq!(metric(&o.field("listening"), "mwdist_requests_refused_total").await, 0);
+    }
 }

@@ -37,6 +37,8 @@ pub struct AgentOptions {
     pub advertise: Option<String>,
     /// The origin (and tracker), `host:port`.
     pub origin: String,
+    /// A tracker to announce to instead of the origin's, `host:port`.
+    pub tracker: Option<String>,
     pub data_dir: PathBuf,
     pub secret: Secret,
     pub rate_up: Option<u64>,

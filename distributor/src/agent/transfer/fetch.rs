@@ -149,7 +149,8 @@ pub(super) async fn announce(agent: &Agent, t: &Transfer) -> Result<AnnounceRepl
         pieces: t.geo.count(),
         have: t.lock().have.to_hex(),
     };
-    let url = format!("http://{}/dist/v1/announce", agent.opts.origin);
+    let tracker = agent.opts.tracker.as_deref().unwrap_or(&agent.opts.origin);
+    let url = format!("http://{tracker}/dist/v1/announce");
     let resp = agent
         .http
         .post(url)
