@@ -250,3 +250,61 @@ async fn origins_sharing_a_tracker_form_one_swarm_and_a_tracker_restart_loses_no
         assert_eq!(metric(&o.field("listening"), "mwdist_requests_refused_total").await, 0);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_keeps_the_verified_pieces_of_a_partial_blob() {
+    let sizes = [4 << 20];
+    let w = World::new(&sizes).await;
+    let d = &w.layers[0];
+    let size = w.sizes[0];
+    let geo = mwdist::pieces::Geometry::for_size(size);
+    let origin = w.origin("origin", &[]);
+    let o = origin.field("listening");
+    let data = w.tmp.path().join("a");
+    let mut a = agent(&o, &data, &["--rate-down", "1MiB"]);
+    let (mirror, peer) = (a.field("mirror"), a.field("peer"));
+    let pull = tokio::spawn({
+        let d = d.clone();
+        async move { get_blob(&mirror, REPO, &d).await }
+    });
+    // Kill the agent part-way: at least a quarter of the pieces verified.
+    let quarter = geo.count() as u64 / 4;
+    let part_way = eventually(Duration::from_secs(20), || async {
+        metric(&peer, "mwdist_pieces_verified_total").await >= quarter
+    })
+    .await;
+    assert!(part_way, "the agent verified some pieces");
+    a.kill();
+    let _ = pull.await;
+    assert!(!data.join("blobs").join(d.hex()).exists(), "killed before the blob was complete");
+    let partial = data.join("partial").join(d.hex());
+    let on_disk = std::fs::read(&partial).expect("the partial blob is left");
+    let want = layer(0, sizes[0]);
+    let piece = |b: &[u8], i: usize| {
+        let (s, e) = geo.range(i);
+        b[s as usize..e as usize].to_vec()
+    };
+    let intact: Vec<usize> = (0..geo.count()).filter(|&i| piece(&on_disk, i) == piece(&want, i)).collect();
+    assert!(intact.len() as u64 >= quarter, "every verified piece is on disk: {} of {quarter}", intact.len());
+    assert!(intact.len() < geo.count(), "some pieces are missing");
+    // Damage one of them: it must be fetched again, not trusted.
+    let damaged = intact[0];
+    {
+        use std::os::unix::fs::FileExt as _;
+        let f = std::fs::OpenOptions::new().write(true).open(&partial).expect("partial");
+        f.write_all_at(&[0xAA; 16], geo.range(damaged).0).expect("damage a piece");
+    }
+    let kept: u64 = intact[1..].iter().map(|&i| geo.len_of(i)).sum();
+    let a = agent(&o, &data, &[]);
+    let bytes = get_blob(&a.field("mirror"), REPO, d).await.expect("the restarted agent completes");
+    assert_eq!(Digest::of(&bytes), *d);
+    let peer = a.field("peer");
+    let resumed = metric(&peer, "mwdist_pieces_resumed_total").await;
+    let fetched = metric(&peer, "mwdist_bytes_down_total{source=\"origin\"}").await
+        + metric(&peer, "mwdist_bytes_down_total{source=\"peers\"}").await;
+    assert_eq!(resumed, intact.len() as u64 - 1, "every intact piece but the damaged one is reused");
+    let remainder = size - kept;
+    assert!(fetched >= remainder, "fetched {fetched}, remainder {remainder}");
+    assert!(fetched <= remainder + 2 * geo.piece_size, "fetched {fetched}: more than the remainder {remainder}");
+    assert_eq!(metric(&peer, "mwdist_pieces_verified_total").await + resumed, geo.count() as u64);
+}

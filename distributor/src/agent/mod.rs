@@ -10,6 +10,7 @@
 
 pub mod cache;
 mod mirror;
+mod resume;
 pub mod transfer;
 
 use crate::auth::Secret;
