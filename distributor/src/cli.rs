@@ -252,6 +252,25 @@ mod tests {
         let Command::Agent(a) = c.command else { panic!("not agent") };
         assert_eq!(a.rate_up, Some(4 << 20));
         assert_eq!(a.listen.ip().to_string(), "127.0.0.1", "the mirror binds loopback by default");
+        assert_eq!(a.max_requests, crate::cap::AGENT_MAX_REQUESTS);
         assert!(Cli::try_parse_from(["mwdist", "origin"]).is_err(), "upstream is required");
+        let c = Cli::try_parse_from([
+            "mwdist",
+            "origin",
+            "--upstream",
+            "oci:/x",
+            "--cache-max",
+            "2G",
+            "--tracker",
+            "t:7072",
+            "--max-requests",
+            "9",
+        ])
+        .expect("valid");
+        let Command::Origin(o) = c.command else { panic!("not origin") };
+        assert_eq!((o.cache_max, o.tracker.as_deref(), o.max_requests), (Some(2 << 30), Some("t:7072"), 9));
+        let c = Cli::try_parse_from(["mwdist", "tracker"]).expect("valid");
+        let Command::Tracker(t) = c.command else { panic!("not tracker") };
+        assert_eq!(t.listen.port(), 7072);
     }
 }

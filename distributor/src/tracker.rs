@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 
 /// How long an origin reuses a remote tracker's availability answer.
 const AVAILABILITY_FRESH: Duration = Duration::from_millis(250);
+/// How long an origin waits before asking an unreachable tracker again.
+const AVAILABILITY_RETRY: Duration = Duration::from_secs(2);
 
 pub const TTL: Duration = Duration::from_secs(6);
 /// Peers returned per announce at most (a random sample when there are more).
@@ -100,6 +102,7 @@ pub struct Remote {
     addr: String,
     secret: Secret,
     http: reqwest::Client,
+    /// Answers by digest, with when they go stale.
     cache: Mutex<HashMap<String, (Instant, Vec<u32>)>>,
 }
 
@@ -147,8 +150,8 @@ impl TrackerLink {
         };
         {
             let cache = r.cache.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((at, v)) = cache.get(digest) {
-                if at.elapsed() < AVAILABILITY_FRESH && v.len() == n {
+            if let Some((until, v)) = cache.get(digest) {
+                if Instant::now() < *until && v.len() == n {
                     return v.clone();
                 }
             }
@@ -160,13 +163,19 @@ impl TrackerLink {
             (a.copies.len() == n).then_some(a.copies)
         }
         .await;
-        let Some(v) = got else {
-            tracing::debug!("origin: no availability for {digest} from the tracker {}", r.addr);
-            return vec![0; n];
+        // A failure is remembered longer, so that a tracker down does not slow every
+        // piece the origin sends.
+        let (v, fresh) = match got {
+            Some(v) => (v, AVAILABILITY_FRESH),
+            None => {
+                tracing::warn!("origin: no piece availability for {digest} from the tracker {}", r.addr);
+                (vec![0; n], AVAILABILITY_RETRY)
+            }
         };
+        let now = Instant::now();
         let mut cache = r.cache.lock().unwrap_or_else(|p| p.into_inner());
-        cache.retain(|_, (at, _)| at.elapsed() < TTL);
-        cache.insert(digest.to_string(), (Instant::now(), v.clone()));
+        cache.retain(|_, (until, _)| *until > now);
+        cache.insert(digest.to_string(), (now + fresh, v.clone()));
         v
     }
 }

@@ -57,7 +57,7 @@ async fn no_origin_tracker_or_peer_endpoint_answers_without_the_secret() {
             let resp = req.send().await.expect("request");
             assert_eq!(resp.status(), 401, "GET {u} with {auth:?}");
             let body = resp.text().await.expect("body");
-            assert!(body.contains("UNAUTHORIZED") && !body.contains(&d.hex()), "GET {u}: {body}");
+            assert!(body.contains("UNAUTHORIZED") && !body.contains(d.hex()), "GET {u}: {body}");
         }
     }
     for tracker in [&o, &t] {
