@@ -257,7 +257,10 @@ pub async fn drive(agent: Arc<Agent>, t: Arc<Transfer>) {
         Err(why) => {
             agent.metrics.add(M::TransfersFailed, 1);
             tracing::error!("agent: {}: {why}", t.digest);
-            let _ = std::fs::remove_file(agent.partial_path(&t.digest));
+            // A stopping agent keeps its verified pieces for the next start.
+            if !agent.stopping() {
+                let _ = std::fs::remove_file(agent.partial_path(&t.digest));
+            }
             t.fail(why);
         }
     }
