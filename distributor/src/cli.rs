@@ -30,6 +30,8 @@ pub enum Command {
     Pin(PinArgs),
     /// Undo `pin`.
     Unpin(PinArgs),
+    /// A tracker alone, shared by several origins (`mwdist origin --tracker`).
+    Tracker(TrackerArgs),
     /// Discrete-time simulation of 1,000–10,000 nodes with the agent's selection code.
     Simulate(crate::sim::SimArgs),
 }
@@ -69,6 +71,28 @@ pub struct OriginArgs {
     /// Registry auth file (docker `config.json`) for the upstream.
     #[arg(long)]
     pub auth_file: Option<PathBuf>,
+    /// Requests handled at once; more are refused at once with 503 and `Retry-After`.
+    #[arg(long, env = "MWDIST_MAX_REQUESTS", default_value_t = crate::cap::ORIGIN_MAX_REQUESTS)]
+    pub max_requests: usize,
+    /// Disk bound for complete blobs in the cache; least-recently-used ones not being
+    /// served are evicted.
+    #[arg(long, env = "MWDIST_CACHE_MAX", value_parser = parse_size)]
+    pub cache_max: Option<u64>,
+    /// Use this tracker (`host:port`: another origin, or `mwdist tracker`) instead of
+    /// this origin's own; announcements sent here are forwarded to it.
+    #[arg(long, env = "MWDIST_TRACKER")]
+    pub tracker: Option<String>,
+    #[command(flatten)]
+    pub secret: SecretArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct TrackerArgs {
+    #[arg(long, env = "MWDIST_LISTEN", default_value = "0.0.0.0:7072")]
+    pub listen: SocketAddr,
+    /// Requests handled at once; more are refused at once with 503 and `Retry-After`.
+    #[arg(long, env = "MWDIST_MAX_REQUESTS", default_value_t = crate::cap::ORIGIN_MAX_REQUESTS)]
+    pub max_requests: usize,
     #[command(flatten)]
     pub secret: SecretArgs,
 }
@@ -78,6 +102,9 @@ pub struct AgentArgs {
     /// The origin/tracker, `host:port`.
     #[arg(long, env = "MWDIST_ORIGIN")]
     pub origin: String,
+    /// Announce to this tracker (`host:port`) instead of the origin's.
+    #[arg(long, env = "MWDIST_TRACKER")]
+    pub tracker: Option<String>,
     #[arg(long, env = "MWDIST_MIRROR_LISTEN", default_value = "127.0.0.1:5050")]
     pub listen: SocketAddr,
     #[arg(long, env = "MWDIST_PEER_LISTEN", default_value = "0.0.0.0:7071")]
@@ -94,6 +121,10 @@ pub struct AgentArgs {
     /// Disk bound for complete blobs; least-recently-used unpinned ones are evicted.
     #[arg(long, env = "MWDIST_CACHE_MAX", value_parser = parse_size)]
     pub cache_max: Option<u64>,
+    /// Requests the peer port handles at once; more are refused at once with 503 and
+    /// `Retry-After`, and the requester asks another peer.
+    #[arg(long, env = "MWDIST_MAX_REQUESTS", default_value_t = crate::cap::AGENT_MAX_REQUESTS)]
+    pub max_requests: usize,
     /// Testing only: serve corrupted pieces to peers.
     #[arg(long, hide = true)]
     pub corrupt: bool,
@@ -151,6 +182,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 cache_dir: a.cache_dir,
                 secret: a.secret.load()?,
                 rate_up: a.rate_up,
+                max_requests: a.max_requests,
+                cache_max: a.cache_max,
+                tracker: a.tracker,
             };
             let (_o, running) = Origin::serve(&opts).await?;
             ready(&format!("mwdist origin listening={}", running.addr));
@@ -163,15 +197,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 peer_listen: a.peer_listen,
                 advertise: a.advertise,
                 origin: a.origin,
+                tracker: a.tracker,
                 data_dir: a.data_dir,
                 secret: a.secret.load()?,
                 rate_up: a.rate_up,
                 rate_down: a.rate_down,
                 cache_max: a.cache_max,
+                max_requests: a.max_requests,
                 corrupt: a.corrupt,
             };
             let running = Agent::start(opts).await?;
             ready(&format!("mwdist agent mirror={} peer={}", running.mirror.addr, running.peer.addr));
+            running.wait().await;
+            Ok(())
+        }
+        Command::Tracker(t) => {
+            let metrics = std::sync::Arc::new(crate::metrics::Metrics::default());
+            let router = crate::tracker::standalone_router(t.secret.load()?, t.max_requests, metrics);
+            let running = crate::server::Running::bind(t.listen, router, "tracker").await?;
+            ready(&format!("mwdist tracker listening={}", running.addr));
             running.wait().await;
             Ok(())
         }
@@ -208,6 +252,25 @@ mod tests {
         let Command::Agent(a) = c.command else { panic!("not agent") };
         assert_eq!(a.rate_up, Some(4 << 20));
         assert_eq!(a.listen.ip().to_string(), "127.0.0.1", "the mirror binds loopback by default");
+        assert_eq!(a.max_requests, crate::cap::AGENT_MAX_REQUESTS);
         assert!(Cli::try_parse_from(["mwdist", "origin"]).is_err(), "upstream is required");
+        let c = Cli::try_parse_from([
+            "mwdist",
+            "origin",
+            "--upstream",
+            "oci:/x",
+            "--cache-max",
+            "2G",
+            "--tracker",
+            "t:7072",
+            "--max-requests",
+            "9",
+        ])
+        .expect("valid");
+        let Command::Origin(o) = c.command else { panic!("not origin") };
+        assert_eq!((o.cache_max, o.tracker.as_deref(), o.max_requests), (Some(2 << 30), Some("t:7072"), 9));
+        let c = Cli::try_parse_from(["mwdist", "tracker"]).expect("valid");
+        let Command::Tracker(t) = c.command else { panic!("not tracker") };
+        assert_eq!(t.listen.port(), 7072);
     }
 }

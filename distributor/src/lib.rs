@@ -12,6 +12,7 @@ pub mod agent;
 pub mod api;
 pub mod auth;
 pub mod bench;
+pub mod cap;
 pub mod cli;
 pub mod disk;
 pub mod engine;

@@ -19,9 +19,12 @@ pub enum M {
     TransfersCompleted,
     TransfersFailed,
     CompletionMillisSum,
+    RequestsRefused,
+    PiecesResumed,
+    BlobsEvicted,
 }
 
-const ALL: [(M, &str, &str, &str); 12] = [
+const ALL: [(M, &str, &str, &str); 15] = [
     (M::BytesDownPeers, "mwdist_bytes_down_total{source=\"peers\"}", "counter", "Bytes received"),
     (M::BytesDownOrigin, "mwdist_bytes_down_total{source=\"origin\"}", "counter", ""),
     (M::BytesDownUpstream, "mwdist_bytes_down_total{source=\"upstream\"}", "counter", ""),
@@ -34,11 +37,14 @@ const ALL: [(M, &str, &str, &str); 12] = [
     (M::TransfersCompleted, "mwdist_transfers_completed_total", "counter", "Blobs fetched and verified"),
     (M::TransfersFailed, "mwdist_transfers_failed_total", "counter", "Blob fetches that failed"),
     (M::CompletionMillisSum, "mwdist_completion_milliseconds_sum", "counter", "Sum of blob completion times"),
+    (M::RequestsRefused, "mwdist_requests_refused_total", "counter", "Requests refused with 503 (--max-requests)"),
+    (M::PiecesResumed, "mwdist_pieces_resumed_total", "counter", "Verified pieces reused from partial/ at start"),
+    (M::BlobsEvicted, "mwdist_blobs_evicted_total", "counter", "Blobs evicted to stay under --cache-max"),
 ];
 
 #[derive(Debug, Default)]
 pub struct Metrics {
-    values: [AtomicU64; 12],
+    values: [AtomicU64; 15],
 }
 
 impl Metrics {

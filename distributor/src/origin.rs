@@ -7,20 +7,21 @@
 //! Invariants: `BlobState::hashes[i]` exists only once piece `i` is on disk; `complete`
 //! only after the digest matched and the file was renamed into `blobs/`.
 
-use crate::api::{self, registry_error, Announce, PIECE_INDEX, PIECE_SHA256};
+use crate::api::{self, registry_error, PIECE_INDEX, PIECE_SHA256};
 use crate::auth::{self, Secret};
+use crate::cap::{self, RequestCap};
 use crate::engine::origin_choose;
 use crate::limit::{throttled_body, RateLimiter};
 use crate::metrics::{Metrics, M};
 use crate::pieces::{Bitfield, Geometry, PieceManifest};
 use crate::server::Running;
-use crate::tracker::Tracker;
+use crate::tracker::{Tracker, TrackerLink};
 use crate::upstream::{Upstream, UpstreamError};
 use crate::v2::{self, V2Path};
 use axum::extract::{Path as AxPath, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use futures_util::StreamExt as _;
 use oci_core::Digest;
@@ -50,17 +51,27 @@ pub struct OriginOptions {
     pub secret: Secret,
     /// Upload cap, bytes/s.
     pub rate_up: Option<u64>,
+    /// Requests handled at once; more get `503` (see [`crate::cap`]).
+    pub max_requests: usize,
+    /// Disk bound for complete blobs in `cache_dir` (least recently used evicted first,
+    /// never one being served); `None`: unbounded.
+    pub cache_max: Option<u64>,
+    /// A shared tracker (`host:port`: another origin, or `mwdist tracker`) instead of
+    /// this origin's own.
+    pub tracker: Option<String>,
 }
 
 pub struct Origin {
     upstream: Upstream,
     cache_dir: PathBuf,
+    cache_max: Option<u64>,
     blobs: tokio::sync::Mutex<HashMap<Digest, Arc<Blob>>>,
-    pub tracker: Tracker,
+    pub tracker: Arc<TrackerLink>,
     up: Arc<RateLimiter>,
     /// Concurrent piece uploads (see [`crate::limit::UPLOAD_SLOTS`]).
     slots: Arc<tokio::sync::Semaphore>,
     pub metrics: Arc<Metrics>,
+    cap: RequestCap,
 }
 
 /// One blob, being fetched or complete.
@@ -116,6 +127,11 @@ impl Blob {
         }
     }
 
+    /// Mark the blob as just used (for eviction).
+    fn touch(&self) {
+        let _ = self.file.set_modified(std::time::SystemTime::now());
+    }
+
     pub fn read_piece(&self, i: usize) -> std::io::Result<Vec<u8>> {
         let (start, end) = self.geo.range(i);
         crate::disk::read_at(&self.file, start, end - start)
@@ -127,14 +143,20 @@ impl Origin {
         for sub in ["blobs", "partial", "pieces"] {
             std::fs::create_dir_all(opts.cache_dir.join(sub))?;
         }
+        let metrics = Arc::new(Metrics::default());
         Ok(Arc::new(Origin {
+            cap: RequestCap::new(opts.max_requests, metrics.clone()),
             upstream: opts.upstream.clone(),
             cache_dir: opts.cache_dir.clone(),
+            cache_max: opts.cache_max,
             blobs: Default::default(),
-            tracker: Tracker::default(),
+            tracker: Arc::new(match &opts.tracker {
+                Some(addr) => TrackerLink::remote(addr, opts.secret.clone())?,
+                None => TrackerLink::Local(Tracker::default()),
+            }),
             up: Arc::new(RateLimiter::new(opts.rate_up)),
             slots: Arc::new(tokio::sync::Semaphore::new(SEED_SLOTS)),
-            metrics: Arc::new(Metrics::default()),
+            metrics,
         }))
     }
 
@@ -144,6 +166,7 @@ impl Origin {
         if let Some(b) = blobs.get(d) {
             let failed = b.state.lock().unwrap_or_else(|p| p.into_inner()).failed.is_some();
             if !failed {
+                b.touch();
                 return Ok(b.clone());
             }
         }
@@ -151,8 +174,56 @@ impl Origin {
             Some(b) => b,
             None => self.start_fetch(name, d).await?,
         };
+        b.touch();
         blobs.insert(d.clone(), b.clone());
         Ok(b)
+    }
+
+    /// Evict least-recently-used complete blobs until `blobs/` holds at most
+    /// `--cache-max` bytes. A blob someone holds (a response streaming it, a piece being
+    /// sent, its fetch) is never evicted: the bound may be exceeded until it is released.
+    /// Recency is the blob file's mtime, set on every use, so it survives restarts.
+    pub async fn evict(&self) -> u64 {
+        let Some(max) = self.cache_max else { return 0 };
+        let dir = self.cache_dir.join("blobs");
+        let mut blobs = self.blobs.lock().await;
+        let mut files: Vec<(std::time::SystemTime, u64, Digest)> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let d: Digest = format!("sha256:{}", e.file_name().to_string_lossy()).parse().ok()?;
+                let m = e.metadata().ok()?;
+                Some((m.modified().ok()?, m.len(), d))
+            })
+            .collect();
+        let mut total: u64 = files.iter().map(|f| f.1).sum();
+        files.sort();
+        let mut freed = 0;
+        for (_, size, d) in files {
+            if total <= max {
+                break;
+            }
+            // The map holds one reference; any other is a request or fetch using it.
+            if blobs.get(&d).is_some_and(|b| Arc::strong_count(b) > 1) {
+                continue;
+            }
+            match std::fs::remove_file(dir.join(d.hex())) {
+                Ok(()) => {
+                    let _ = std::fs::remove_file(self.pieces_path(&d));
+                    blobs.remove(&d);
+                    self.metrics.add(M::BlobsEvicted, 1);
+                    tracing::info!("origin: evicted {d} ({size} bytes) to stay under {max} bytes");
+                    total -= size;
+                    freed += size;
+                }
+                Err(e) => tracing::warn!("origin: cannot evict {}: {e}", dir.join(d.hex()).display()),
+            }
+        }
+        if total > max {
+            tracing::info!("origin: cache holds {total} bytes, over {max}: the rest is in use");
+        }
+        freed
     }
 
     fn load_cached(&self, d: &Digest) -> Option<Arc<Blob>> {
@@ -190,11 +261,17 @@ impl Origin {
             Arc::new(Blob { digest: d.clone(), geo, file, state: Mutex::new(state), changed: watch::channel(0).0 });
         let (me, b) = (self.clone(), blob.clone());
         tokio::spawn(async move {
-            if let Err(why) = me.fetch(&b, writer, stream, partial.clone()).await {
-                tracing::error!("origin: blob {}: {why}", b.digest);
-                let _ = std::fs::remove_file(&partial);
-                b.state.lock().unwrap_or_else(|p| p.into_inner()).failed = Some(why);
-                b.bump();
+            match me.fetch(&b, writer, stream, partial.clone()).await {
+                Ok(()) => {
+                    drop(b);
+                    me.evict().await;
+                }
+                Err(why) => {
+                    tracing::error!("origin: blob {}: {why}", b.digest);
+                    let _ = std::fs::remove_file(&partial);
+                    b.state.lock().unwrap_or_else(|p| p.into_inner()).failed = Some(why);
+                    b.bump();
+                }
             }
         });
         Ok(blob)
@@ -257,15 +334,17 @@ impl Origin {
             .route("/v2/{*rest}", get(v2_handler).head(v2_handler))
             .route("/dist/v1/pieces/{digest}", get(pieces_handler))
             .route("/dist/v1/seed/{digest}", get(seed_handler))
-            .route("/dist/v1/announce", post(announce_handler))
+            .with_state(self.clone())
+            .merge(crate::tracker::routes(self.tracker.clone()))
             .layer(axum::middleware::from_fn_with_state(secret, auth::require))
-            .with_state(self.clone());
+            .layer(axum::middleware::from_fn_with_state(self.cap.clone(), cap::limit));
         let me = self.clone();
         authed.route("/metrics", get(move || async move { me.metrics.render("origin") }))
     }
 
     pub async fn serve(opts: &OriginOptions) -> anyhow::Result<(Arc<Self>, Running)> {
         let o = Self::new(opts)?;
+        o.evict().await;
         let r = Running::bind(opts.listen, o.router(opts.secret.clone()), "origin").await?;
         Ok((o, r))
     }
@@ -326,12 +405,12 @@ async fn seed_handler(State(o): State<Arc<Origin>>, AxPath(d): AxPath<String>, Q
     let mut rx = b.changed.subscribe();
     let deadline = tokio::time::Instant::now() + SEED_WAIT;
     let (i, hash) = loop {
+        let avail = o.tracker.availability(&d.to_string(), n).await;
         {
             let mut s = b.state.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(f) = &s.failed {
                 return registry_error(StatusCode::BAD_GATEWAY, "BLOB_UNKNOWN", f);
             }
-            let avail = o.tracker.availability(&d.to_string(), n);
             // The requester skips what it has, is fetching, or can get from a peer it
             // trusts. A piece goes out again only once its last copy left long enough
             // ago to be presumed lost (or held only by peers the requester dropped).
@@ -361,13 +440,6 @@ async fn seed_handler(State(o): State<Arc<Origin>>, AxPath(d): AxPath<String>, Q
         )
             .into_response(),
         Err(e) => registry_error(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", &format!("reading piece {i}: {e}")),
-    }
-}
-
-async fn announce_handler(State(o): State<Arc<Origin>>, Json(a): Json<Announce>) -> Response {
-    match o.tracker.announce(a) {
-        Ok(r) => Json(r).into_response(),
-        Err(e) => registry_error(StatusCode::BAD_REQUEST, "UNKNOWN", &e),
     }
 }
 

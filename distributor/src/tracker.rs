@@ -1,12 +1,31 @@
 //! Peer discovery: agents announce, per blob, the pieces they hold; the tracker answers
 //! with the other live peers. Soft state only: every entry expires after [`TTL`] unless
 //! re-announced, so a restarted tracker is whole again within one announce interval.
+//!
+//! A tracker runs inside every origin, or alone (`mwdist tracker`). An origin started
+//! with `--tracker host:port` uses that one instead of its own ([`TrackerLink::Remote`]):
+//! it forwards the announcements it receives and asks it how many copies of each piece
+//! the swarm holds, so that several origins (and their agents) share one swarm view.
 
-use crate::api::{Announce, AnnounceReply, PeerInfo};
+use crate::api::{registry_error, Announce, AnnounceReply, PeerInfo};
+use crate::auth::{self, Secret};
+use crate::cap::{self, RequestCap};
+use crate::metrics::Metrics;
 use crate::pieces::Bitfield;
+use axum::extract::{Path as AxPath, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// How long an origin reuses a remote tracker's availability answer.
+const AVAILABILITY_FRESH: Duration = Duration::from_millis(250);
+/// How long an origin waits before asking an unreachable tracker again.
+const AVAILABILITY_RETRY: Duration = Duration::from_secs(2);
 
 pub const TTL: Duration = Duration::from_secs(6);
 /// Peers returned per announce at most (a random sample when there are more).
@@ -59,6 +78,143 @@ impl Tracker {
         }
         a
     }
+}
+
+/// `GET /dist/v1/availability/<digest>?pieces=<n>`: copies of each piece held by live peers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Availability {
+    pub copies: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct PiecesQuery {
+    pieces: usize,
+}
+
+/// The tracker an origin uses: its own, or a shared one elsewhere.
+pub enum TrackerLink {
+    Local(Tracker),
+    Remote(Remote),
+}
+
+/// A tracker reached over HTTP (another origin's, or a `mwdist tracker`).
+pub struct Remote {
+    addr: String,
+    secret: Secret,
+    http: reqwest::Client,
+    /// Answers by digest, with when they go stale.
+    cache: Mutex<HashMap<String, (Instant, Vec<u32>)>>,
+}
+
+impl TrackerLink {
+    pub fn remote(addr: &str, secret: Secret) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| anyhow::anyhow!("HTTP client for the tracker {addr}: {e}"))?;
+        Ok(TrackerLink::Remote(Remote { addr: addr.to_string(), secret, http, cache: Default::default() }))
+    }
+
+    /// Record an announcement (forwarding it to a remote tracker); the reply.
+    pub async fn announce(&self, a: Announce) -> Result<AnnounceReply, (StatusCode, String)> {
+        match self {
+            TrackerLink::Local(t) => t.announce(a).map_err(|e| (StatusCode::BAD_REQUEST, e)),
+            TrackerLink::Remote(r) => {
+                let url = format!("http://{}/dist/v1/announce", r.addr);
+                let unavailable = |e: String| (StatusCode::BAD_GATEWAY, format!("tracker {}: {e}", r.addr));
+                let resp = r
+                    .http
+                    .post(url)
+                    .header("authorization", r.secret.header_value())
+                    .json(&a)
+                    .send()
+                    .await
+                    .map_err(|e| unavailable(e.to_string()))?;
+                let status = resp.status();
+                if !status.is_success() {
+                    let code = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+                    return Err((code, format!("tracker {} answered {status}", r.addr)));
+                }
+                resp.json().await.map_err(|e| unavailable(e.to_string()))
+            }
+        }
+    }
+
+    /// Copies of each of a blob's `n` pieces held by live peers (all zero when a remote
+    /// tracker cannot be reached: the origin then just serves what is asked).
+    pub async fn availability(&self, digest: &str, n: usize) -> Vec<u32> {
+        let r = match self {
+            TrackerLink::Local(t) => return t.availability(digest, n),
+            TrackerLink::Remote(r) => r,
+        };
+        {
+            let cache = r.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((until, v)) = cache.get(digest) {
+                if Instant::now() < *until && v.len() == n {
+                    return v.clone();
+                }
+            }
+        }
+        let url = format!("http://{}/dist/v1/availability/{digest}?pieces={n}", r.addr);
+        let got = async {
+            let resp = r.http.get(url).header("authorization", r.secret.header_value()).send().await.ok()?;
+            let a: Availability = resp.error_for_status().ok()?.json().await.ok()?;
+            (a.copies.len() == n).then_some(a.copies)
+        }
+        .await;
+        // A failure is remembered longer, so that a tracker down does not slow every
+        // piece the origin sends.
+        let (v, fresh) = match got {
+            Some(v) => (v, AVAILABILITY_FRESH),
+            None => {
+                tracing::warn!("origin: no piece availability for {digest} from the tracker {}", r.addr);
+                (vec![0; n], AVAILABILITY_RETRY)
+            }
+        };
+        let now = Instant::now();
+        let mut cache = r.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.retain(|_, (until, _)| *until > now);
+        cache.insert(digest.to_string(), (now + fresh, v.clone()));
+        v
+    }
+}
+
+/// The tracker's HTTP API (cluster secret required), under the request cap. Used by
+/// `mwdist tracker` and, merged into its router, by an origin.
+pub fn routes(link: Arc<TrackerLink>) -> Router {
+    Router::new()
+        .route("/dist/v1/announce", post(announce_handler))
+        .route("/dist/v1/availability/{digest}", get(availability_handler))
+        .with_state(link)
+}
+
+async fn announce_handler(State(t): State<Arc<TrackerLink>>, Json(a): Json<Announce>) -> Response {
+    match t.announce(a).await {
+        Ok(r) => Json(r).into_response(),
+        Err((status, e)) => registry_error(status, "UNKNOWN", &e),
+    }
+}
+
+async fn availability_handler(
+    State(t): State<Arc<TrackerLink>>,
+    AxPath(d): AxPath<String>,
+    Query(q): Query<PiecesQuery>,
+) -> Response {
+    if q.pieces > 1 << 20 {
+        return registry_error(StatusCode::BAD_REQUEST, "UNKNOWN", "too many pieces");
+    }
+    Json(Availability { copies: t.availability(&d, q.pieces).await }).into_response()
+}
+
+/// `mwdist tracker`: the tracker alone, for several origins.
+pub fn standalone_router(secret: Secret, max_requests: usize, metrics: Arc<Metrics>) -> Router {
+    let link = Arc::new(TrackerLink::Local(Tracker::default()));
+    let cap = RequestCap::new(max_requests, metrics.clone());
+    routes(link)
+        .layer(axum::middleware::from_fn_with_state(secret, auth::require))
+        .layer(axum::middleware::from_fn_with_state(cap, cap::limit))
+        .route("/metrics", get(move || async move { metrics.render("tracker") }))
 }
 
 #[cfg(test)]

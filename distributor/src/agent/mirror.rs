@@ -32,6 +32,7 @@ pub fn peer_router(agent: &Arc<Agent>) -> Router {
     Router::new()
         .route("/dist/v1/piece/{digest}/{index}", get(piece_handler))
         .layer(axum::middleware::from_fn_with_state(agent.opts.secret.clone(), auth::require))
+        .layer(axum::middleware::from_fn_with_state(agent.peer_cap.clone(), crate::cap::limit))
         .route("/metrics", get(move || async move { me.metrics.render("agent") }))
         .with_state(agent.clone())
 }

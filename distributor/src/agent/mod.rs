@@ -10,6 +10,7 @@
 
 pub mod cache;
 mod mirror;
+mod resume;
 pub mod transfer;
 
 use crate::auth::Secret;
@@ -37,12 +38,16 @@ pub struct AgentOptions {
     pub advertise: Option<String>,
     /// The origin (and tracker), `host:port`.
     pub origin: String,
+    /// A tracker to announce to instead of the origin's, `host:port`.
+    pub tracker: Option<String>,
     pub data_dir: PathBuf,
     pub secret: Secret,
     pub rate_up: Option<u64>,
     pub rate_down: Option<u64>,
     /// Disk bound for complete blobs (LRU eviction, see [`cache`]); `None`: unbounded.
     pub cache_max: Option<u64>,
+    /// Requests the peer port handles at once; more get `503` (see [`crate::cap`]).
+    pub max_requests: usize,
     /// Testing only: flip a byte of every piece served to peers.
     pub corrupt: bool,
 }
@@ -59,6 +64,8 @@ pub struct Agent {
     pub upload_slots: Arc<tokio::sync::Semaphore>,
     pub down: Arc<RateLimiter>,
     pub metrics: Arc<Metrics>,
+    /// The peer port's request cap.
+    peer_cap: crate::cap::RequestCap,
     stop: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -98,7 +105,9 @@ impl Agent {
             .connect_timeout(Duration::from_secs(2))
             .pool_idle_timeout(Duration::from_secs(30))
             .build()?;
+        let metrics = Arc::new(Metrics::default());
         let agent = Arc::new(Agent {
+            peer_cap: crate::cap::RequestCap::new(opts.max_requests, metrics.clone()),
             peer_id: format!("{:016x}", rand::random::<u64>()),
             advertise,
             http,
@@ -107,7 +116,7 @@ impl Agent {
             up: Arc::new(RateLimiter::new(opts.rate_up)),
             upload_slots: Arc::new(tokio::sync::Semaphore::new(crate::limit::UPLOAD_SLOTS)),
             down: Arc::new(RateLimiter::new(opts.rate_down)),
-            metrics: Arc::new(Metrics::default()),
+            metrics,
             stop,
             opts,
         });

@@ -84,24 +84,46 @@ impl Transfer {
         })
     }
 
-    /// Start fetching: ask the origin for the piece manifest, create the partial file.
+    /// Start fetching: ask the origin for the piece manifest, open the partial file
+    /// (keeping the pieces of an earlier run that still match their hashes).
     pub async fn begin(agent: &Agent, name: &str, d: &Digest) -> Result<Transfer, FetchError> {
         let m = fetch_manifest(agent, name, d).await?;
         let path = agent.partial_path(d);
+        let storage = |e: std::io::Error| FetchError::Unavailable(format!("agent storage {}: {e}", path.display()));
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .open(&path)
-            .and_then(|f| f.set_len(m.size).map(|()| f))
-            .map_err(|e| FetchError::Unavailable(format!("agent storage {}: {e}", path.display())))?;
+            .map_err(storage)?;
+        let earlier = file.metadata().map_err(storage)?.len() == m.size && m.size > 0;
+        if !earlier {
+            file.set_len(0).and_then(|()| file.set_len(m.size)).map_err(storage)?;
+        }
         let geo = m.geometry();
         let mut hashes = vec![None; geo.count()];
         for (slot, h) in hashes.iter_mut().zip(m.hashes) {
             *slot = Some(h);
         }
-        let state = TState { have: Bitfield::new(geo.count()), hashes, done: false, failed: None };
+        let have = if earlier {
+            let (f, hs) = (file.try_clone().map_err(storage)?, hashes.clone());
+            tokio::task::spawn_blocking(move || super::resume::verified_pieces(&f, &geo, &hs))
+                .await
+                .map_err(|e| FetchError::Unavailable(format!("checking {}: {e}", path.display())))?
+        } else {
+            Bitfield::new(geo.count())
+        };
+        if have.count() > 0 {
+            agent.metrics.add(M::PiecesResumed, have.count() as u64);
+            tracing::info!(
+                "agent: {d}: {} of {} pieces already verified in {}",
+                have.count(),
+                have.len(),
+                path.display()
+            );
+        }
+        let state = TState { have, hashes, done: false, failed: None };
         Ok(Transfer {
             digest: d.clone(),
             name: name.to_string(),
@@ -235,7 +257,10 @@ pub async fn drive(agent: Arc<Agent>, t: Arc<Transfer>) {
         Err(why) => {
             agent.metrics.add(M::TransfersFailed, 1);
             tracing::error!("agent: {}: {why}", t.digest);
-            let _ = std::fs::remove_file(agent.partial_path(&t.digest));
+            // A stopping agent keeps its verified pieces for the next start.
+            if !agent.stopping() {
+                let _ = std::fs::remove_file(agent.partial_path(&t.digest));
+            }
             t.fail(why);
         }
     }
@@ -315,10 +340,13 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
                 }
                 Some(Pick::Origin) => {
                     // Tell the origin what not to send: what we have, are fetching, or
-                    // can get from a peer we have not dropped.
+                    // can get from a peer we have not dropped and that is not refusing
+                    // (busy, or at its request cap).
                     let mut skip = have.clone();
                     for (i, &c) in pending.iter().enumerate() {
-                        let from_peer = peers.iter().any(|(a, p)| p.have.get(i) && !agent.is_banned(a));
+                        let from_peer = peers.iter().any(|(a, p)| {
+                            p.have.get(i) && !agent.is_banned(a) && p.busy_until.is_none_or(|t| t <= now)
+                        });
                         if c > 0 || from_peer {
                             skip.set(i);
                         }

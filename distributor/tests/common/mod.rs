@@ -110,15 +110,40 @@ pub fn layer(i: usize, n: usize) -> Vec<u8> {
     gz.finish().expect("gzip to memory")
 }
 
-/// An image (two "layers" of noise, a config and a manifest) in an OCI layout under
+/// An image ("layers" of noise, a config and a manifest) in an OCI layout under
 /// `dir`, tagged `tag`. Returns the manifest digest and the layer digests.
 pub fn write_image(dir: &Path, tag: &str, sizes: &[usize]) -> (Digest, Vec<Digest>) {
+    let layers =
+        sizes.iter().enumerate().map(|(i, &n)| (layer(i, n), Digest::of(&noise(i as u64 + 1, n)))).collect::<Vec<_>>();
+    write_image_of(dir, tag, layers)
+}
+
+/// Layer `i` as a real tar (one file, `data/<i>.bin`, of `n` bytes of noise), gzipped;
+/// with its diff ID (the digest of the tar), so that containerd can unpack it.
+pub fn tar_layer(i: usize, n: usize) -> (Vec<u8>, Digest) {
+    let mut b = tar::Builder::new(Vec::new());
+    let data = noise(i as u64 + 1, n);
+    let mut h = tar::Header::new_ustar();
+    h.set_size(n as u64);
+    h.set_mode(0o644);
+    h.set_mtime(0);
+    h.set_entry_type(tar::EntryType::Regular);
+    b.append_data(&mut h, format!("data/{i}.bin"), data.as_slice()).expect("tar to memory");
+    let tar = b.into_inner().expect("tar to memory");
+    use std::io::Write as _;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar).expect("gzip to memory");
+    (gz.finish().expect("gzip to memory"), Digest::of(&tar))
+}
+
+/// An image of the given (compressed layer, diff ID) pairs. Returns the manifest digest
+/// and the layer digests.
+pub fn write_image_of(dir: &Path, tag: &str, layers_in: Vec<(Vec<u8>, Digest)>) -> (Digest, Vec<Digest>) {
     let layout = Layout::create(dir.to_path_buf()).expect("create layout");
     let mut layers = Vec::new();
     let mut diff_ids = Vec::new();
-    for (i, &n) in sizes.iter().enumerate() {
-        let gz = layer(i, n);
-        diff_ids.push(Digest::of(&noise(i as u64 + 1, n)).to_string());
+    for (gz, diff_id) in layers_in {
+        diff_ids.push(diff_id.to_string());
         let (d, _) = layout.put_blob_bytes(&gz).expect("put layer");
         layers.push((d, gz.len()));
     }

@@ -11,16 +11,28 @@ use oci_core::Digest;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Attempts at the piece manifest while the origin answers `503` (it is at its cap).
+const MANIFEST_TRIES: u64 = 5;
+
 pub(super) async fn fetch_manifest(agent: &Agent, name: &str, d: &Digest) -> Result<PieceManifest, FetchError> {
     let url = crate::origin::pieces_url(&agent.opts.origin, d, name);
-    let resp = agent
-        .http
-        .get(&url)
-        .header("authorization", agent.auth())
-        .timeout(REQUEST_TIMEOUT)
-        .send()
-        .await
-        .map_err(|e| FetchError::Unavailable(format!("origin {}: {e}", agent.opts.origin)))?;
+    // An origin at its request cap answers 503 at once: try again a few times.
+    let mut tries = 0;
+    let resp = loop {
+        let resp = agent
+            .http
+            .get(&url)
+            .header("authorization", agent.auth())
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| FetchError::Unavailable(format!("origin {}: {e}", agent.opts.origin)))?;
+        tries += 1;
+        if resp.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE || tries >= MANIFEST_TRIES {
+            break resp;
+        }
+        tokio::time::sleep(Duration::from_millis(200 * tries)).await;
+    };
     let status = resp.status();
     if status == reqwest::StatusCode::NOT_FOUND {
         return Err(FetchError::NotFound(format!("blob {d} is not known upstream")));
@@ -137,7 +149,8 @@ pub(super) async fn announce(agent: &Agent, t: &Transfer) -> Result<AnnounceRepl
         pieces: t.geo.count(),
         have: t.lock().have.to_hex(),
     };
-    let url = format!("http://{}/dist/v1/announce", agent.opts.origin);
+    let tracker = agent.opts.tracker.as_deref().unwrap_or(&agent.opts.origin);
+    let url = format!("http://{tracker}/dist/v1/announce");
     let resp = agent
         .http
         .post(url)
