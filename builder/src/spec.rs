@@ -244,9 +244,12 @@ impl Ctx<'_> {
             why: why.into(),
         })
     }
+    /// A source path, relative to the spec's directory. Canonical when it exists, so the
+    /// cache knows a tree however the spec or the command line spells its path.
     fn resolve(&self, p: &str) -> PathBuf {
         let base = self.path.parent().unwrap_or(Path::new("."));
-        base.join(p)
+        let joined = base.join(p);
+        std::fs::canonicalize(&joined).unwrap_or(joined)
     }
 }
 
