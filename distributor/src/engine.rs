@@ -23,7 +23,7 @@ pub struct PeerView {
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Requests in flight in total.
+    /// Requests in flight to peers in total (the origin's come on top).
     pub max_inflight: usize,
     /// Requests in flight to one peer.
     pub per_peer: usize,
@@ -68,11 +68,21 @@ fn mix(a: u64, salt: u64) -> u64 {
 /// The next request to make, or `None` if nothing useful can be requested now.
 pub fn next(v: &View<'_>, lim: &Limits, salt: u64) -> Option<Pick> {
     let n = v.have.len();
-    let total: usize = v.peers.iter().map(|p| p.inflight).sum::<usize>() + v.origin_inflight;
-    if total >= lim.max_inflight || v.have.is_full() {
+    if v.have.is_full() {
         return None;
     }
     let avail = availability(n, v.peers);
+    // The origin first, whatever the requests to peers: its upload must never idle,
+    // since every piece it sends is new to the swarm.
+    let no_peer_has_one =
+        (0..n).any(|i| !v.have.get(i) && v.pending.get(i).copied().unwrap_or(0) == 0 && avail[i] == 0);
+    if no_peer_has_one && v.origin_inflight < lim.origin_slots {
+        return Some(Pick::Origin);
+    }
+    let total: usize = v.peers.iter().map(|p| p.inflight).sum::<usize>();
+    if total >= lim.max_inflight {
+        return None;
+    }
     let free_peer_for = |i: usize| -> Option<usize> {
         v.peers
             .iter()
@@ -101,11 +111,6 @@ pub fn next(v: &View<'_>, lim: &Limits, salt: u64) -> Option<Pick> {
     }
     if let Some((_, _, piece, peer)) = best {
         return Some(Pick::Peer { piece, peer });
-    }
-    let no_peer_has_one =
-        (0..n).any(|i| !v.have.get(i) && v.pending.get(i).copied().unwrap_or(0) == 0 && avail[i] == 0);
-    if no_peer_has_one && v.origin_inflight < lim.origin_slots {
-        return Some(Pick::Origin);
     }
     if unrequested_missing == 0 {
         // Endgame: duplicate the piece with the fewest copies in flight.

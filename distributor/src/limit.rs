@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 /// concurrent transfers finely.
 pub const CHUNK: usize = 64 << 10;
 
-/// Pieces a node uploads at once (more requests wait their turn). Few concurrent uploads
-/// finish each piece sooner, so that it can be re-served sooner (BitTorrent's
-/// unchoke slots play the same role).
-pub const UPLOAD_SLOTS: usize = 4;
+/// Pieces a node uploads at once (more requests wait their turn, briefly). Few concurrent
+/// uploads finish each piece sooner, so that it can be re-served sooner (BitTorrent's
+/// unchoke slots play the same role); two keep the link busy while the next request of
+/// the queue starts.
+pub const UPLOAD_SLOTS: usize = 2;
 
 #[derive(Debug)]
 pub struct RateLimiter {
@@ -37,21 +38,26 @@ impl RateLimiter {
 
     /// Wait until `n` bytes may pass.
     pub async fn acquire(&self, n: usize) {
-        let Some(rate) = self.rate else { return };
-        let wait = {
-            let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            let now = Instant::now();
-            let (tokens, last) = *g;
-            let tokens = (tokens + now.duration_since(last).as_secs_f64() * rate).min(self.burst) - n as f64;
-            *g = (tokens, now);
-            if tokens < 0.0 {
-                Duration::from_secs_f64(-tokens / rate)
-            } else {
-                Duration::ZERO
-            }
-        };
+        let wait = self.take(n);
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Let `n` bytes pass now, leaving the debt to the callers of [`Self::acquire`]; how
+    /// long the debt takes to pay off. For a flow that must not be slowed down here (it
+    /// is capped elsewhere): the other flows then get only what is left of the rate.
+    pub fn take(&self, n: usize) -> Duration {
+        let Some(rate) = self.rate else { return Duration::ZERO };
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let (tokens, last) = *g;
+        let tokens = (tokens + now.duration_since(last).as_secs_f64() * rate).min(self.burst) - n as f64;
+        *g = (tokens, now);
+        if tokens < 0.0 {
+            Duration::from_secs_f64(-tokens / rate)
+        } else {
+            Duration::ZERO
         }
     }
 }
@@ -104,5 +110,14 @@ mod tests {
         let took = t.elapsed().as_secs_f64();
         assert!((0.4..0.8).contains(&took), "{took}");
         RateLimiter::new(None).acquire(1 << 30).await;
+    }
+
+    #[test]
+    fn bytes_taken_without_waiting_are_owed_by_the_others() {
+        let l = RateLimiter::new(Some(1 << 20));
+        assert!(l.take(64 << 10).is_zero(), "the burst covers one chunk");
+        let owed = l.take(512 << 10).as_secs_f64();
+        assert!((0.45..0.55).contains(&owed), "half a second of debt at 1 MiB/s: {owed}");
+        assert!(l.take(0).as_secs_f64() > 0.4, "the debt stays for the next caller");
     }
 }

@@ -11,7 +11,7 @@ use sha2::{Digest as _, Sha256};
 /// [`TARGET_PIECES`] pieces between these bounds.
 pub const MIN_PIECE: u64 = 64 << 10;
 pub const MAX_PIECE: u64 = 4 << 20;
-pub const TARGET_PIECES: u64 = 128;
+pub const TARGET_PIECES: u64 = 512;
 
 /// The piece size for a blob of `size` bytes: a power of two, a pure function of the
 /// size so that every node agrees without asking.
@@ -177,7 +177,7 @@ mod tests {
     #[test]
     fn piece_sizes_adapt_to_the_blob() {
         for (size, piece) in
-            [(0, MIN_PIECE), (1, MIN_PIECE), (16 << 20, 128 << 10), (64 << 20, 512 << 10), (4 << 30, MAX_PIECE)]
+            [(0, MIN_PIECE), (1, MIN_PIECE), (16 << 20, MIN_PIECE), (64 << 20, 128 << 10), (1 << 30, 2 << 20), (4 << 30, MAX_PIECE)]
         {
             assert_eq!(piece_size_for(size), piece, "size {size}");
         }

@@ -51,6 +51,10 @@ pub struct Transfer {
     /// Bytes received for this blob (including bytes of pieces later rejected): the
     /// watchdog's measure of progress, so that slow but moving pieces are not aborted.
     received: std::sync::atomic::AtomicU64,
+    /// Bitfields heard from peers that asked us for pieces (address → hex), newest only;
+    /// the driver takes them, so that it learns of new pieces without waiting for the
+    /// tracker.
+    heard: Mutex<HashMap<String, String>>,
 }
 
 struct TState {
@@ -81,6 +85,7 @@ impl Transfer {
             changed: watch::channel(0).0,
             started: Instant::now(),
             received: Default::default(),
+            heard: Default::default(),
         })
     }
 
@@ -111,6 +116,7 @@ impl Transfer {
             changed: watch::channel(0).0,
             started: Instant::now(),
             received: Default::default(),
+            heard: Default::default(),
         })
     }
 
@@ -137,6 +143,19 @@ impl Transfer {
 
     pub fn has(&self, i: usize) -> bool {
         self.lock().have.get(i)
+    }
+
+    /// Record the bitfield a requesting peer sent along (see [`crate::api::PEER_ADDR`]).
+    pub fn heard_from(&self, addr: &str, have_hex: &str) {
+        if self.is_done() {
+            return;
+        }
+        let mut h = self.heard.lock().unwrap_or_else(|p| p.into_inner());
+        h.insert(addr.to_string(), have_hex.to_string());
+    }
+
+    fn take_heard(&self) -> HashMap<String, String> {
+        std::mem::take(&mut *self.heard.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn bump(&self) {
@@ -244,11 +263,11 @@ pub async fn drive(agent: Arc<Agent>, t: Arc<Transfer>) {
 async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String> {
     let n = t.geo.count();
     let salt: u64 = rand::random();
-    // Keep about a second of downloading in flight: with more, every piece would crawl
-    // under the download cap and none would finish before the watchdog.
+    // Keep about a quarter second of downloading in flight: with more, every piece would
+    // crawl under the download cap, and a piece can be passed on only once it is whole.
     let mut limits = Limits::default();
     if let Some(rate) = agent.down.rate() {
-        let fit = usize::try_from(rate / t.geo.piece_size.max(1)).unwrap_or(usize::MAX);
+        let fit = usize::try_from(rate / 4 / t.geo.piece_size.max(1)).unwrap_or(usize::MAX);
         limits.max_inflight = fit.clamp(2, limits.max_inflight);
     }
     let mut last_received = 0u64;
@@ -286,6 +305,14 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
                     }
                 }
                 Err(e) => tracing::debug!("agent: announce for {}: {e}", t.digest),
+            }
+        }
+        for (a, hex) in t.take_heard() {
+            if a == agent.advertise || agent.is_banned(&a) {
+                continue;
+            }
+            if let Some(b) = Bitfield::from_hex(&hex, n) {
+                peers.entry(a).or_insert(Peer { have: Bitfield::new(n), inflight: 0, busy_until: None }).have = b;
             }
         }
         // Plan as many requests as the limits allow.
