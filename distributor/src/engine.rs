@@ -67,11 +67,17 @@ fn mix(a: u64, salt: u64) -> u64 {
 
 /// The next request to make, or `None` if nothing useful can be requested now.
 pub fn next(v: &View<'_>, lim: &Limits, salt: u64) -> Option<Pick> {
+    next_with(v, &availability(v.have.len(), v.peers), lim, salt)
+}
+
+/// [`next`] with the peers' [`availability`] already counted (it changes only when a
+/// peer's bitfield does, not with the requests made).
+pub fn next_with(v: &View<'_>, avail: &[u32], lim: &Limits, salt: u64) -> Option<Pick> {
     let n = v.have.len();
-    if v.have.is_full() {
+    if v.have.is_full() || avail.len() != n {
         return None;
     }
-    let avail = availability(n, v.peers);
+    let rarest = crate::knob("RAREST", 0) == 1;
     // The origin first, whatever the requests to peers: its upload must never idle,
     // since every piece it sends is new to the swarm.
     let no_peer_has_one =
@@ -101,7 +107,7 @@ pub fn next(v: &View<'_>, lim: &Limits, salt: u64) -> Option<Pick> {
         if a == 0 {
             continue;
         }
-        let key = (a, mix(i as u64, salt));
+        let key = (if rarest { a } else { 0 }, mix(i as u64, salt));
         if best.is_some_and(|b| (b.0, b.1) <= key) {
             continue;
         }
@@ -132,11 +138,7 @@ pub fn next(v: &View<'_>, lim: &Limits, salt: u64) -> Option<Pick> {
 pub fn availability(n: usize, peers: &[PeerView]) -> Vec<u32> {
     let mut a = vec![0u32; n];
     for p in peers {
-        for (i, slot) in a.iter_mut().enumerate() {
-            if p.have.get(i) {
-                *slot += 1;
-            }
-        }
+        p.have.add_to(&mut a);
     }
     a
 }

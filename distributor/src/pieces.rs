@@ -16,7 +16,7 @@ pub const TARGET_PIECES: u64 = 512;
 /// The piece size for a blob of `size` bytes: a power of two, a pure function of the
 /// size so that every node agrees without asking.
 pub fn piece_size_for(size: u64) -> u64 {
-    let want = size.div_ceil(TARGET_PIECES).max(1);
+    let want = size.div_ceil(crate::knob("PIECES", TARGET_PIECES)).max(1);
     want.next_power_of_two().clamp(MIN_PIECE, MAX_PIECE)
 }
 
@@ -153,6 +153,18 @@ impl Bitfield {
         }
     }
 
+    /// Add 1 to `counts[i]` for every piece `i` in the set (a byte at a time).
+    pub fn add_to(&self, counts: &mut [u32]) {
+        for (byte, chunk) in self.bits.iter().zip(counts.chunks_mut(8)) {
+            if *byte == 0 {
+                continue;
+            }
+            for (j, c) in chunk.iter_mut().enumerate() {
+                *c += u32::from((byte >> (7 - j)) & 1);
+            }
+        }
+    }
+
     pub fn to_hex(&self) -> String {
         hex::encode(&self.bits)
     }
@@ -212,6 +224,10 @@ mod tests {
         assert_eq!(Bitfield::from_hex("ffff", 11), None, "bits past the end");
         assert_eq!(Bitfield::from_hex("ff", 11), None, "wrong length");
         assert!(Bitfield::full(9).is_full());
+        let mut counts = vec![0; 11];
+        b.add_to(&mut counts);
+        Bitfield::full(11).add_to(&mut counts);
+        assert_eq!(counts, [2, 1, 1, 2, 1, 1, 1, 1, 1, 1, 2]);
     }
 
     #[test]

@@ -28,7 +28,9 @@ const ANNOUNCE_EVERY: Duration = Duration::from_millis(250);
 const ORIGIN_QUIET: Duration = Duration::from_millis(200);
 const SEED_ANNOUNCE_EVERY: Duration = Duration::from_secs(2);
 /// A peer that refused (all upload slots taken) is left alone this long.
-const BUSY_BACKOFF: Duration = Duration::from_millis(60);
+fn busy_backoff() -> Duration {
+    Duration::from_millis(crate::knob("BACKOFF", 60))
+}
 const BUSY: &str = "busy";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -267,8 +269,9 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
     // crawl under the download cap, and a piece can be passed on only once it is whole.
     let mut limits = Limits::default();
     if let Some(rate) = agent.down.rate() {
-        let fit = usize::try_from(rate / 4 / t.geo.piece_size.max(1)).unwrap_or(usize::MAX);
-        limits.max_inflight = fit.clamp(2, limits.max_inflight);
+        let fit = usize::try_from(rate / crate::knob("DIV", 1) / t.geo.piece_size.max(1)).unwrap_or(usize::MAX);
+        limits.max_inflight = fit.clamp(2, crate::knob("MAXIN", 8) as usize);
+        limits.per_peer = crate::knob("PERPEER", 2) as usize;
     }
     let mut last_received = 0u64;
     let mut last_piece = Instant::now();
@@ -288,7 +291,7 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
         if have.is_full() {
             break;
         }
-        if last_announce.is_none_or(|l| l.elapsed() >= ANNOUNCE_EVERY) {
+        if last_announce.is_none_or(|l| l.elapsed() >= Duration::from_millis(crate::knob("ANN", ANNOUNCE_EVERY.as_millis() as u64))) {
             last_announce = Some(Instant::now());
             match announce(agent, t).await {
                 Ok(reply) => {
@@ -316,26 +319,30 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
             }
         }
         // Plan as many requests as the limits allow.
+        let now = Instant::now();
+        let addrs: Vec<String> = peers
+            .iter()
+            .filter(|(a, p)| !agent.is_banned(a) && p.busy_until.is_none_or(|t| t <= now))
+            .map(|(a, _)| a.clone())
+            .collect();
+        let mut views: Vec<PeerView> = addrs
+            .iter()
+            .filter_map(|a| peers.get(a))
+            .map(|p| PeerView { have: p.have.clone(), inflight: p.inflight })
+            .collect();
+        let avail = engine::availability(n, &views);
         loop {
-            let now = Instant::now();
-            let addrs: Vec<String> = peers
-                .iter()
-                .filter(|(a, p)| !agent.is_banned(a) && p.busy_until.is_none_or(|t| t <= now))
-                .map(|(a, _)| a.clone())
-                .collect();
-            let views: Vec<PeerView> = addrs
-                .iter()
-                .filter_map(|a| peers.get(a))
-                .map(|p| PeerView { have: p.have.clone(), inflight: p.inflight })
-                .collect();
             // After the origin had nothing for us, leave it alone for a moment.
             let origin_view = if Instant::now() < origin_quiet_until { limits.origin_slots } else { origin_inflight };
             let v = engine::View { have: &have, pending: &pending, peers: &views, origin_inflight: origin_view };
-            match engine::next(&v, &limits, salt) {
+            match engine::next_with(&v, &avail, &limits, salt) {
                 Some(Pick::Peer { piece, peer }) => {
                     let Some(addr) = addrs.get(peer).cloned() else { break };
                     if let Some(p) = peers.get_mut(&addr) {
                         p.inflight += 1;
+                    }
+                    if let Some(v) = views.get_mut(peer) {
+                        v.inflight += 1;
                     }
                     pending[piece] = pending[piece].saturating_add(1);
                     tasks.spawn(fetch_from_peer(agent.clone(), t.clone(), addr, piece));
@@ -343,10 +350,13 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
                 Some(Pick::Origin) => {
                     // Tell the origin what not to send: what we have, are fetching, or
                     // can get from a peer we have not dropped.
+                    let mut trusted = vec![0u32; n];
+                    for (_, p) in peers.iter().filter(|(a, _)| !agent.is_banned(a)) {
+                        p.have.add_to(&mut trusted);
+                    }
                     let mut skip = have.clone();
-                    for (i, &c) in pending.iter().enumerate() {
-                        let from_peer = peers.iter().any(|(a, p)| p.have.get(i) && !agent.is_banned(a));
-                        if c > 0 || from_peer {
+                    for (i, (&c, &from_peer)) in pending.iter().zip(&trusted).enumerate() {
+                        if c > 0 || from_peer > 0 {
                             skip.set(i);
                         }
                     }
@@ -391,7 +401,7 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
                 Err(e) if e == BUSY => {
                     if let Source::Peer(a) = &src {
                         if let Some(p) = peers.get_mut(a) {
-                            p.busy_until = Some(Instant::now() + BUSY_BACKOFF);
+                            p.busy_until = Some(Instant::now() + busy_backoff());
                         }
                     }
                 }
