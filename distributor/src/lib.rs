@@ -25,14 +25,3 @@ pub mod sim;
 pub mod tracker;
 pub mod upstream;
 pub mod v2;
-
-/// Temporary tuning knob (experiments only).
-pub fn knob(name: &str, default: u64) -> u64 {
-    static K: std::sync::OnceLock<Vec<(String, u64)>> = std::sync::OnceLock::new();
-    let k = K.get_or_init(|| {
-        std::env::vars()
-            .filter_map(|(k, v)| Some((k.strip_prefix("MWX_")?.to_string(), v.parse().ok()?)))
-            .collect()
-    });
-    k.iter().find(|(k, _)| k == name).map_or(default, |(_, v)| *v)
-}

@@ -30,7 +30,7 @@ impl RateLimiter {
     /// on a busy machine) does not lose its share of the rate for good.
     pub fn new(rate: Option<u64>) -> Self {
         let rate = rate.filter(|r| *r > 0).map(|r| r as f64);
-        let burst = rate.map_or(0.0, |r| (r * crate::knob("BURSTMS", 200) as f64 / 1000.0).max(CHUNK as f64));
+        let burst = rate.map_or(0.0, |r| (r / 5.0).max(CHUNK as f64));
         RateLimiter { rate, burst, state: Mutex::new((burst, Instant::now())) }
     }
 

@@ -16,7 +16,7 @@ pub const TARGET_PIECES: u64 = 512;
 /// The piece size for a blob of `size` bytes: a power of two, a pure function of the
 /// size so that every node agrees without asking.
 pub fn piece_size_for(size: u64) -> u64 {
-    let want = size.div_ceil(crate::knob("PIECES", TARGET_PIECES)).max(1);
+    let want = size.div_ceil(TARGET_PIECES).max(1);
     want.next_power_of_two().clamp(MIN_PIECE, MAX_PIECE)
 }
 
@@ -188,9 +188,14 @@ mod tests {
 
     #[test]
     fn piece_sizes_adapt_to_the_blob() {
-        for (size, piece) in
-            [(0, MIN_PIECE), (1, MIN_PIECE), (16 << 20, MIN_PIECE), (64 << 20, 128 << 10), (1 << 30, 2 << 20), (4 << 30, MAX_PIECE)]
-        {
+        for (size, piece) in [
+            (0, MIN_PIECE),
+            (1, MIN_PIECE),
+            (16 << 20, MIN_PIECE),
+            (64 << 20, 128 << 10),
+            (1 << 30, 2 << 20),
+            (4 << 30, MAX_PIECE),
+        ] {
             assert_eq!(piece_size_for(size), piece, "size {size}");
         }
     }

@@ -105,7 +105,7 @@ impl Agent {
             transfers: Default::default(),
             banned: Default::default(),
             up: Arc::new(RateLimiter::new(opts.rate_up)),
-            upload_slots: Arc::new(tokio::sync::Semaphore::new(crate::knob("SLOTS", crate::limit::UPLOAD_SLOTS as u64) as usize)),
+            upload_slots: Arc::new(tokio::sync::Semaphore::new(crate::limit::UPLOAD_SLOTS)),
             down: Arc::new(RateLimiter::new(opts.rate_down)),
             metrics: Arc::new(Metrics::default()),
             stop,

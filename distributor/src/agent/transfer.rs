@@ -28,9 +28,10 @@ const ANNOUNCE_EVERY: Duration = Duration::from_millis(250);
 const ORIGIN_QUIET: Duration = Duration::from_millis(200);
 const SEED_ANNOUNCE_EVERY: Duration = Duration::from_secs(2);
 /// A peer that refused (all upload slots taken) is left alone this long.
-fn busy_backoff() -> Duration {
-    Duration::from_millis(crate::knob("BACKOFF", 60))
-}
+/// Requests to peers in flight at most, and to one peer.
+const MAX_INFLIGHT: usize = 12;
+const PER_PEER: usize = 3;
+const BUSY_BACKOFF: Duration = Duration::from_millis(60);
 const BUSY: &str = "busy";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -265,13 +266,13 @@ pub async fn drive(agent: Arc<Agent>, t: Arc<Transfer>) {
 async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String> {
     let n = t.geo.count();
     let salt: u64 = rand::random();
-    // Keep about a quarter second of downloading in flight: with more, every piece would
-    // crawl under the download cap, and a piece can be passed on only once it is whole.
-    let mut limits = Limits::default();
+    // Keep up to about a second of downloading requested: peers queue requests briefly,
+    // so that several requests per peer keep its link busy between pieces, while each
+    // peer serves only a couple at a time (a piece can be passed on once it is whole).
+    let mut limits = Limits { max_inflight: MAX_INFLIGHT, per_peer: PER_PEER, ..Limits::default() };
     if let Some(rate) = agent.down.rate() {
-        let fit = usize::try_from(rate / crate::knob("DIV", 1) / t.geo.piece_size.max(1)).unwrap_or(usize::MAX);
-        limits.max_inflight = fit.clamp(2, crate::knob("MAXIN", 8) as usize);
-        limits.per_peer = crate::knob("PERPEER", 2) as usize;
+        let fit = usize::try_from(rate / t.geo.piece_size.max(1)).unwrap_or(usize::MAX);
+        limits.max_inflight = fit.clamp(2, MAX_INFLIGHT);
     }
     let mut last_received = 0u64;
     let mut last_piece = Instant::now();
@@ -282,6 +283,7 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
     let mut tasks: JoinSet<Outcome> = JoinSet::new();
     let mut last_announce: Option<Instant> = None;
     let mut last_progress = Instant::now();
+    let mut last_check = Instant::now() - WATCHDOG;
     let mut stop = agent.stop.clone();
     loop {
         if agent.stopping() {
@@ -291,7 +293,7 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
         if have.is_full() {
             break;
         }
-        if last_announce.is_none_or(|l| l.elapsed() >= Duration::from_millis(crate::knob("ANN", ANNOUNCE_EVERY.as_millis() as u64))) {
+        if last_announce.is_none_or(|l| l.elapsed() >= ANNOUNCE_EVERY) {
             last_announce = Some(Instant::now());
             match announce(agent, t).await {
                 Ok(reply) => {
@@ -401,7 +403,7 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
                 Err(e) if e == BUSY => {
                     if let Source::Peer(a) = &src {
                         if let Some(p) = peers.get_mut(a) {
-                            p.busy_until = Some(Instant::now() + busy_backoff());
+                            p.busy_until = Some(Instant::now() + BUSY_BACKOFF);
                         }
                     }
                 }
@@ -432,8 +434,15 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
         if last_piece.elapsed() > GIVE_UP {
             return Err(format!("no peer and not the origin could serve {} for {GIVE_UP:?}", t.digest));
         }
-        if let Some(f) = check_origin_failed(agent, t, last_progress).await {
-            return Err(f);
+        // Ask at most once per watchdog period: the piece list is large, and a whole
+        // swarm waiting for its first pieces would otherwise keep the origin busy.
+        if last_check.elapsed() >= WATCHDOG {
+            if let Some(f) = check_origin_failed(agent, t, last_progress).await {
+                return Err(f);
+            }
+            if last_progress.elapsed() >= WATCHDOG {
+                last_check = Instant::now();
+            }
         }
     }
     finish(agent, t).await
