@@ -225,7 +225,7 @@ mod tests {
         assert_eq!(b.count(), 3);
         assert!(b.get(10) && !b.get(11));
         let h = b.to_hex();
-        assert_eq!(Bitfield::from_hex(&h, 11), Some(b));
+        assert_eq!(Bitfield::from_hex(&h, 11).as_ref(), Some(&b));
         assert_eq!(Bitfield::from_hex("ffff", 11), None, "bits past the end");
         assert_eq!(Bitfield::from_hex("ff", 11), None, "wrong length");
         assert!(Bitfield::full(9).is_full());
