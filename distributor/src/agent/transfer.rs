@@ -29,8 +29,8 @@ const ORIGIN_QUIET: Duration = Duration::from_millis(200);
 const SEED_ANNOUNCE_EVERY: Duration = Duration::from_secs(2);
 /// A peer that refused (all upload slots taken) is left alone this long.
 /// Requests to peers in flight at most, and to one peer.
-const MAX_INFLIGHT: usize = 12;
-const PER_PEER: usize = 3;
+pub const MAX_INFLIGHT: usize = 12;
+pub const PER_PEER: usize = 3;
 const BUSY_BACKOFF: Duration = Duration::from_millis(60);
 const BUSY: &str = "busy";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
