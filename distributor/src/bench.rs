@@ -167,13 +167,14 @@ async fn sample_utilisation(
     out: std::sync::Arc<std::sync::Mutex<Timeline>>,
 ) {
     loop {
+        let at = start.elapsed().as_secs_f64();
         let up = metric(&http, &origin, "mwdist_bytes_up_total{to=\"peers\"}").await;
         let mut down = 0;
         for p in &peers {
             down += metric(&http, p, "mwdist_bytes_down_total{source=\"peers\"}").await;
             down += metric(&http, p, "mwdist_bytes_down_total{source=\"origin\"}").await;
         }
-        out.lock().unwrap_or_else(|p| p.into_inner()).push((start.elapsed().as_secs_f64(), up, down));
+        out.lock().unwrap_or_else(|p| p.into_inner()).push((at, up, down));
         tokio::time::sleep(SAMPLE_EVERY).await;
     }
 }

@@ -42,6 +42,9 @@ const SEED_SLOTS: usize = 1;
 /// A piece already sent is sent again only if no peer announced it for this long (its
 /// first recipient may have died): each piece leaves the origin about once.
 const RESEND_AFTER: Duration = Duration::from_millis(1500);
+/// Holders a piece may have (dead or dropped by the requester) and still go out again
+/// after [`RESEND_AFTER`]; each further holder adds [`RESEND_AFTER`].
+const RESEND_HOLDERS: u32 = 2;
 /// How long a `seed` request waits for an upload slot (less than the agents' watchdog).
 const SEED_QUEUE_WAIT: Duration = Duration::from_millis(1000);
 
@@ -338,13 +341,13 @@ async fn seed_handler(State(o): State<Arc<Origin>>, AxPath(d): AxPath<String>, Q
             let avail = o.tracker.availability(&d.to_string(), n);
             // The requester skips what it has, is fetching, or can get from a peer it
             // trusts. A piece goes out again only once its last copy left long enough
-            // ago and at most one live peer announced it: its recipient died, or it is
-            // held only by a peer the requester dropped. (The requester knows only a
-            // sample of the swarm; the tracker knows it all.)
+            // ago to be presumed lost (or held only by peers the requester dropped);
+            // the more live peers announced it, the longer: the requester knows only a
+            // sample of the swarm, the tracker knows it all.
             let mut skip = skip.clone();
             for (i, t) in s.last_served.iter().enumerate() {
-                let recent = t.is_some_and(|t| t.elapsed() < RESEND_AFTER);
-                if recent || (t.is_some() && avail.get(i).copied().unwrap_or(0) > 1) {
+                let holders = avail.get(i).copied().unwrap_or(0).saturating_sub(RESEND_HOLDERS);
+                if t.is_some_and(|t| t.elapsed() < RESEND_AFTER * (1 + holders)) {
                     skip.set(i);
                 }
             }
