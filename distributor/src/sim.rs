@@ -81,7 +81,10 @@ pub fn simulate(a: &SimArgs) -> (Vec<f64>, report::LowerBound, f64) {
     let (mut t, mut egress, mut left) = (0.0, 0u64, n);
     while left > 0 && t < lb.t * 50.0 {
         // Plan.
-        for i in 0..n {
+        // A different node plans first at every step (the origin serves whoever asks
+        // first, and real requests arrive in no fixed order).
+        let first = rng.gen_range(0..n);
+        for i in (first..n).chain(0..first) {
             if !done[i].is_nan() {
                 continue;
             }
