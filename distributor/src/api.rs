@@ -10,8 +10,11 @@ pub const PIECE_INDEX: &str = "x-mwdist-piece";
 /// Response header carrying a piece's SHA-256 (hex).
 pub const PIECE_SHA256: &str = "x-mwdist-piece-sha256";
 
-/// Response header on peer pieces: the sender's current hex bitfield.
+/// Header on peer piece requests and responses: the sender's current hex bitfield.
 pub const PEER_HAVE: &str = "x-mwdist-have";
+/// Request header on peer piece requests: where the requester serves its pieces, so that
+/// the peer asked learns the requester's bitfield at once (fresher than the tracker's).
+pub const PEER_ADDR: &str = "x-mwdist-peer";
 
 /// An agent's announcement to the tracker for one blob.
 #[derive(Debug, Clone, Serialize, Deserialize)]

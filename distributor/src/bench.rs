@@ -154,6 +154,46 @@ async fn metric(http: &reqwest::Client, addr: &str, name: &str) -> u64 {
     text.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok())).unwrap_or(0)
 }
 
+/// Every [`SAMPLE_EVERY`]: seconds since the start, origin egress and the agents' total
+/// download (bytes), read from their metrics.
+type Timeline = Vec<(f64, u64, u64)>;
+const SAMPLE_EVERY: Duration = Duration::from_secs(2);
+
+async fn sample_utilisation(
+    http: reqwest::Client,
+    origin: String,
+    peers: Vec<String>,
+    start: Instant,
+    out: std::sync::Arc<std::sync::Mutex<Timeline>>,
+) {
+    loop {
+        let at = start.elapsed().as_secs_f64();
+        let up = metric(&http, &origin, "mwdist_bytes_up_total{to=\"peers\"}").await;
+        let mut down = 0;
+        for p in &peers {
+            down += metric(&http, p, "mwdist_bytes_down_total{source=\"peers\"}").await;
+            down += metric(&http, p, "mwdist_bytes_down_total{source=\"origin\"}").await;
+        }
+        out.lock().unwrap_or_else(|p| p.into_inner()).push((at, up, down));
+        tokio::time::sleep(SAMPLE_EVERY).await;
+    }
+}
+
+/// One line: the origin's upload and the agents' mean download, as fractions of the cap,
+/// per sampling interval (idle links are where time is lost).
+fn print_utilisation(t: &Timeline, rate: u64, n: usize) {
+    let cells: Vec<String> = t
+        .windows(2)
+        .map(|w| {
+            let dt = (w[1].0 - w[0].0).max(1e-3);
+            let up = (w[1].1.saturating_sub(w[0].1)) as f64 / dt / rate as f64;
+            let down = (w[1].2.saturating_sub(w[0].2)) as f64 / dt / rate as f64 / n as f64;
+            format!("{:.0}s:{:.0}/{:.0}", w[1].0, up * 100.0, down * 100.0)
+        })
+        .collect();
+    println!("  utilisation % (origin up / mean agent down): {}", cells.join(" "));
+}
+
 pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(a.agents > 0 && a.blob_size > 0 && a.rate > 0, "agents, blob size and rate must be positive");
     let tmp = tempfile::Builder::new().prefix("mwdist-bench-").tempdir()?;
@@ -238,6 +278,14 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             agents[i].kill();
         }
     }
+    let timeline: std::sync::Arc<std::sync::Mutex<Timeline>> = Default::default();
+    let sampler = tokio::spawn(sample_utilisation(
+        http.clone(),
+        origin_addr.clone(),
+        agents.iter().filter_map(|a| a.field("peer").ok()).collect(),
+        start,
+        timeline.clone(),
+    ));
     let mut times = Vec::new();
     let mut failures = 0;
     for (i, t) in tasks.into_iter().enumerate() {
@@ -255,6 +303,8 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             }
         }
     }
+    sampler.abort();
+    let timeline = timeline.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let egress = metric(&http, &origin_addr, "mwdist_bytes_up_total{to=\"peers\"}").await;
     let rss = agents.iter().filter_map(Child2::peak_rss).max().unwrap_or(0);
     let mut rejected = 0;
@@ -273,6 +323,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         egress as f64 / s as f64,
         report::human(rss)
     );
+    print_utilisation(&timeline, r, n);
     let mut base = Vec::new();
     if !a.no_baseline {
         let start = Instant::now();

@@ -2,8 +2,10 @@
 //!
 //! An agent asks [`next`] what to request next, given which pieces it has, which are in
 //! flight, and what each known peer has. Policy:
-//! * rarest first among pieces some live peer can serve (ties broken by a per-node salt,
-//!   so that nodes spread over different pieces);
+//! * a random piece (a per-node salt orders them) among those some live peer can serve.
+//!   Not rarest first: with every node choosing the same few rarest (newest) pieces, their
+//!   holders are swamped while the holders of everything else idle. The origin gives
+//!   each piece to one node, and random choices spread the requests over every holder;
 //! * from the least-loaded peer holding the piece, each peer taking at most
 //!   [`Limits::per_peer`] requests from us;
 //! * the origin only for pieces no peer has (it then chooses the piece itself, see
@@ -23,7 +25,7 @@ pub struct PeerView {
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Requests in flight in total.
+    /// Requests in flight to peers in total (the origin's come on top).
     pub max_inflight: usize,
     /// Requests in flight to one peer.
     pub per_peer: usize,
@@ -67,12 +69,27 @@ fn mix(a: u64, salt: u64) -> u64 {
 
 /// The next request to make, or `None` if nothing useful can be requested now.
 pub fn next(v: &View<'_>, lim: &Limits, salt: u64) -> Option<Pick> {
+    next_with(v, &availability(v.have.len(), v.peers), lim, salt)
+}
+
+/// [`next`] with the peers' [`availability`] already counted (it changes only when a
+/// peer's bitfield does, not with the requests made).
+pub fn next_with(v: &View<'_>, avail: &[u32], lim: &Limits, salt: u64) -> Option<Pick> {
     let n = v.have.len();
-    let total: usize = v.peers.iter().map(|p| p.inflight).sum::<usize>() + v.origin_inflight;
-    if total >= lim.max_inflight || v.have.is_full() {
+    if v.have.is_full() || avail.len() != n {
         return None;
     }
-    let avail = availability(n, v.peers);
+    // The origin first, whatever the requests to peers: its upload must never idle,
+    // since every piece it sends is new to the swarm.
+    let no_peer_has_one =
+        (0..n).any(|i| !v.have.get(i) && v.pending.get(i).copied().unwrap_or(0) == 0 && avail[i] == 0);
+    if no_peer_has_one && v.origin_inflight < lim.origin_slots {
+        return Some(Pick::Origin);
+    }
+    let total: usize = v.peers.iter().map(|p| p.inflight).sum::<usize>();
+    if total >= lim.max_inflight {
+        return None;
+    }
     let free_peer_for = |i: usize| -> Option<usize> {
         v.peers
             .iter()
@@ -81,7 +98,7 @@ pub fn next(v: &View<'_>, lim: &Limits, salt: u64) -> Option<Pick> {
             .min_by_key(|(j, p)| (p.inflight, mix(*j as u64, salt ^ i as u64)))
             .map(|(j, _)| j)
     };
-    let mut best: Option<(u32, u64, usize, usize)> = None;
+    let mut best: Option<(u64, usize, usize)> = None;
     let mut unrequested_missing = 0usize;
     for (i, &a) in avail.iter().enumerate() {
         if v.have.get(i) || v.pending.get(i).copied().unwrap_or(0) > 0 {
@@ -91,21 +108,16 @@ pub fn next(v: &View<'_>, lim: &Limits, salt: u64) -> Option<Pick> {
         if a == 0 {
             continue;
         }
-        let key = (a, mix(i as u64, salt));
-        if best.is_some_and(|b| (b.0, b.1) <= key) {
+        let key = mix(i as u64, salt);
+        if best.is_some_and(|b| b.0 <= key) {
             continue;
         }
         if let Some(peer) = free_peer_for(i) {
-            best = Some((key.0, key.1, i, peer));
+            best = Some((key, i, peer));
         }
     }
-    if let Some((_, _, piece, peer)) = best {
+    if let Some((_, piece, peer)) = best {
         return Some(Pick::Peer { piece, peer });
-    }
-    let no_peer_has_one =
-        (0..n).any(|i| !v.have.get(i) && v.pending.get(i).copied().unwrap_or(0) == 0 && avail[i] == 0);
-    if no_peer_has_one && v.origin_inflight < lim.origin_slots {
-        return Some(Pick::Origin);
     }
     if unrequested_missing == 0 {
         // Endgame: duplicate the piece with the fewest copies in flight.
@@ -127,11 +139,7 @@ pub fn next(v: &View<'_>, lim: &Limits, salt: u64) -> Option<Pick> {
 pub fn availability(n: usize, peers: &[PeerView]) -> Vec<u32> {
     let mut a = vec![0u32; n];
     for p in peers {
-        for (i, slot) in a.iter_mut().enumerate() {
-            if p.have.get(i) {
-                *slot += 1;
-            }
-        }
+        p.have.add_to(&mut a);
     }
     a
 }
@@ -158,17 +166,38 @@ mod tests {
     }
 
     #[test]
-    fn rarest_piece_first_from_least_loaded_peer() {
+    fn a_missing_piece_from_its_least_loaded_holder() {
         let have = bits(4, &[0]);
         let peers = vec![
-            PeerView { have: bits(4, &[1, 2, 3]), inflight: 1 },
-            PeerView { have: bits(4, &[1, 2]), inflight: 0 },
-            PeerView { have: bits(4, &[1]), inflight: 0 },
+            PeerView { have: bits(4, &[0, 1, 2, 3]), inflight: 1 },
+            PeerView { have: bits(4, &[0, 2]), inflight: 0 },
+            PeerView { have: bits(4, &[0, 3]), inflight: 2 },
         ];
-        let v = View { have: &have, pending: &[0; 4], peers: &peers, origin_inflight: 0 };
-        assert_eq!(next(&v, &Limits::default(), 7), Some(Pick::Peer { piece: 3, peer: 0 }));
-        let v = View { pending: &[0, 0, 0, 1], ..v };
-        assert_eq!(next(&v, &Limits::default(), 7), Some(Pick::Peer { piece: 2, peer: 1 }));
+        let mut seen = std::collections::HashSet::new();
+        for salt in 0..32 {
+            let v = View { have: &have, pending: &[0, 0, 0, 0], peers: &peers, origin_inflight: 0 };
+            let pick = next(&v, &Limits::default(), salt);
+            // Piece 2 from the idle peer 1, not the busier peer 0; piece 3 not from peer 2,
+            // which has its two requests.
+            let ok =
+                [Pick::Peer { piece: 1, peer: 0 }, Pick::Peer { piece: 2, peer: 1 }, Pick::Peer { piece: 3, peer: 0 }];
+            assert!(pick.is_some_and(|p| ok.contains(&p)), "salt {salt}: {pick:?}");
+            seen.insert(pick);
+            let v = View { pending: &[0, 1, 1, 1], ..v };
+            assert_eq!(next(&v, &Limits { max_dup: 1, ..Limits::default() }, salt), None, "all pending");
+        }
+        assert_eq!(seen.len(), 3, "salts spread nodes over the pieces");
+    }
+
+    #[test]
+    fn the_origin_comes_first_whatever_the_peer_requests() {
+        let have = bits(3, &[]);
+        let peers = vec![PeerView { have: bits(3, &[0, 1]), inflight: 2 }];
+        let lim = Limits { max_inflight: 2, ..Limits::default() };
+        let v = View { have: &have, pending: &[1, 1, 0], peers: &peers, origin_inflight: 0 };
+        assert_eq!(next(&v, &lim, 1), Some(Pick::Origin), "peer budget spent, origin slot free");
+        let v = View { pending: &[1, 1, 1], ..v };
+        assert_eq!(next(&v, &lim, 1), None, "the piece no peer has is already on its way");
     }
 
     #[test]

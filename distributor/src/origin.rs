@@ -37,11 +37,17 @@ use tokio::sync::watch;
 /// How long a `seed` request waits for the upstream stream to produce a new piece.
 const SEED_WAIT: Duration = Duration::from_secs(2);
 /// Pieces the origin uploads at once: each new piece should reach the swarm as soon as
-/// possible so that peers can pass it on.
-const SEED_SLOTS: usize = 2;
+/// possible so that peers can pass it on. One at full rate; the token bucket's burst
+/// covers the gap before the next queued request starts.
+const SEED_SLOTS: usize = 1;
 /// A piece already sent is sent again only if no peer announced it for this long (its
 /// first recipient may have died): each piece leaves the origin about once.
 const RESEND_AFTER: Duration = Duration::from_millis(1500);
+/// Holders a piece may have (dead or dropped by the requester) and still go out again
+/// after [`RESEND_AFTER`]; each further holder adds [`RESEND_AFTER`].
+const RESEND_HOLDERS: u32 = 2;
+/// How long a `seed` request waits for an upload slot (less than the agents' watchdog).
+const SEED_QUEUE_WAIT: Duration = Duration::from_millis(1000);
 
 #[derive(Debug, Clone)]
 pub struct OriginOptions {
@@ -398,9 +404,10 @@ async fn seed_handler(State(o): State<Arc<Origin>>, AxPath(d): AxPath<String>, Q
     let Some(skip) = Bitfield::from_hex(q.skip.as_deref().unwrap_or(""), n) else {
         return registry_error(StatusCode::BAD_REQUEST, "BLOB_UNKNOWN", "skip bitfield does not match the piece count");
     };
-    // Choose the piece once an upload slot is free, with the freshest swarm view.
-    let Ok(permit) = o.slots.clone().acquire_owned().await else {
-        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    // Choose the piece once an upload slot is free, with the freshest swarm view. A
+    // requester that waited too long is sent away (it asks again soon, with a fresher view).
+    let Ok(Ok(permit)) = tokio::time::timeout(SEED_QUEUE_WAIT, o.slots.clone().acquire_owned()).await else {
+        return StatusCode::NO_CONTENT.into_response();
     };
     let mut rx = b.changed.subscribe();
     let deadline = tokio::time::Instant::now() + SEED_WAIT;
@@ -413,10 +420,13 @@ async fn seed_handler(State(o): State<Arc<Origin>>, AxPath(d): AxPath<String>, Q
             }
             // The requester skips what it has, is fetching, or can get from a peer it
             // trusts. A piece goes out again only once its last copy left long enough
-            // ago to be presumed lost (or held only by peers the requester dropped).
+            // ago to be presumed lost (or held only by peers the requester dropped);
+            // the more live peers announced it, the longer: the requester knows only a
+            // sample of the swarm, the tracker knows it all.
             let mut skip = skip.clone();
             for (i, t) in s.last_served.iter().enumerate() {
-                if t.is_some_and(|t| t.elapsed() < RESEND_AFTER) {
+                let holders = avail.get(i).copied().unwrap_or(0).saturating_sub(RESEND_HOLDERS);
+                if t.is_some_and(|t| t.elapsed() < RESEND_AFTER * (1 + holders)) {
                     skip.set(i);
                 }
             }

@@ -11,7 +11,7 @@ use sha2::{Digest as _, Sha256};
 /// [`TARGET_PIECES`] pieces between these bounds.
 pub const MIN_PIECE: u64 = 64 << 10;
 pub const MAX_PIECE: u64 = 4 << 20;
-pub const TARGET_PIECES: u64 = 128;
+pub const TARGET_PIECES: u64 = 512;
 
 /// The piece size for a blob of `size` bytes: a power of two, a pure function of the
 /// size so that every node agrees without asking.
@@ -153,6 +153,18 @@ impl Bitfield {
         }
     }
 
+    /// Add 1 to `counts[i]` for every piece `i` in the set (a byte at a time).
+    pub fn add_to(&self, counts: &mut [u32]) {
+        for (byte, chunk) in self.bits.iter().zip(counts.chunks_mut(8)) {
+            if *byte == 0 {
+                continue;
+            }
+            for (j, c) in chunk.iter_mut().enumerate() {
+                *c += u32::from((byte >> (7 - j)) & 1);
+            }
+        }
+    }
+
     pub fn to_hex(&self) -> String {
         hex::encode(&self.bits)
     }
@@ -176,9 +188,14 @@ mod tests {
 
     #[test]
     fn piece_sizes_adapt_to_the_blob() {
-        for (size, piece) in
-            [(0, MIN_PIECE), (1, MIN_PIECE), (16 << 20, 128 << 10), (64 << 20, 512 << 10), (4 << 30, MAX_PIECE)]
-        {
+        for (size, piece) in [
+            (0, MIN_PIECE),
+            (1, MIN_PIECE),
+            (16 << 20, MIN_PIECE),
+            (64 << 20, 128 << 10),
+            (1 << 30, 2 << 20),
+            (4 << 30, MAX_PIECE),
+        ] {
             assert_eq!(piece_size_for(size), piece, "size {size}");
         }
     }
@@ -208,10 +225,14 @@ mod tests {
         assert_eq!(b.count(), 3);
         assert!(b.get(10) && !b.get(11));
         let h = b.to_hex();
-        assert_eq!(Bitfield::from_hex(&h, 11), Some(b));
+        assert_eq!(Bitfield::from_hex(&h, 11).as_ref(), Some(&b));
         assert_eq!(Bitfield::from_hex("ffff", 11), None, "bits past the end");
         assert_eq!(Bitfield::from_hex("ff", 11), None, "wrong length");
         assert!(Bitfield::full(9).is_full());
+        let mut counts = vec![0; 11];
+        b.add_to(&mut counts);
+        Bitfield::full(11).add_to(&mut counts);
+        assert_eq!(counts, [2, 1, 1, 2, 1, 1, 1, 1, 1, 1, 2]);
     }
 
     #[test]

@@ -3,9 +3,12 @@
 //! with the origin's [`crate::engine::origin_choose`]) and prints the same ratios as
 //! `mwdist bench`.
 //!
-//! Model: every node and the origin have equal caps B up and down; an active transfer
-//! gets `min(up/uploads at the source, down/downloads at the destination)`; a source
-//! with [`crate::limit::UPLOAD_SLOTS`] uploads refuses (the agent's "busy"); each node
+//! Model: every node and the origin have equal caps B up and down; the origin sends one
+//! piece at a time at B and its recipient reads it first (as the agent does); a peer
+//! transfer gets `min(up/uploads at the source, what the origin leaves of down /
+//! peer downloads at the destination)`; a source with [`crate::limit::UPLOAD_SLOTS`]
+//! uploads refuses (the agent's "busy"); nodes keep as many requests in flight as the
+//! agent does; each node
 //! knows a random sample of [`SAMPLE`] peers (the tracker's answer) with their current
 //! bitfields. Announce latency and request round trips are not modelled.
 
@@ -18,7 +21,7 @@ use rand::{Rng as _, SeedableRng as _};
 
 /// Peers a node knows.
 pub const SAMPLE: usize = 32;
-const ORIGIN_SLOTS: usize = 2;
+const ORIGIN_SLOTS: usize = 1;
 
 #[derive(Debug, clap::Args)]
 pub struct SimArgs {
@@ -37,7 +40,9 @@ struct Xfer {
     /// The source node and its position in the destination's sample; `None`: origin.
     src: Option<(usize, usize)>,
     dst: usize,
-    left: f64,
+    /// Bytes sent by the source, and read by the destination.
+    sent: f64,
+    got: f64,
 }
 
 /// Completion times (seconds) of every node, the lower bound, and origin egress in
@@ -68,12 +73,19 @@ pub fn simulate(a: &SimArgs) -> (Vec<f64>, report::LowerBound, f64) {
         .collect();
     let salts: Vec<u64> = (0..n).map(|_| rng.gen()).collect();
     let dt = g.piece_size as f64 / b / 4.0;
-    let limits = Limits::default();
+    let limits = Limits {
+        max_inflight: crate::agent::transfer::MAX_INFLIGHT,
+        per_peer: crate::agent::transfer::PER_PEER,
+        ..Limits::default()
+    };
     let (mut t, mut egress, mut left) = (0.0, 0u64, n);
     while left > 0 && t < lb.t * 50.0 {
         // Plan.
-        for i in 0..n {
-            if !done[i].is_nan() || downloads[i] >= limits.max_inflight {
+        // A different node plans first at every step (the origin serves whoever asks
+        // first, and real requests arrive in no fixed order).
+        let first = rng.gen_range(0..n);
+        for i in (first..n).chain(0..first) {
+            if !done[i].is_nan() {
                 continue;
             }
             loop {
@@ -81,14 +93,16 @@ pub fn simulate(a: &SimArgs) -> (Vec<f64>, report::LowerBound, f64) {
                     samples[i].iter().copied().enumerate().filter(|&(_, j)| uploads[j] < UPLOAD_SLOTS).collect();
                 let views: Vec<PeerView> =
                     known.iter().map(|&(k, j)| PeerView { have: have[j].clone(), inflight: to_peer[i][k] }).collect();
-                let v =
-                    engine::View { have: &have[i], pending: &pending[i], peers: &views, origin_inflight: to_origin[i] };
+                // A busy origin is not asked (the agent's request would wait, then come back
+                // empty).
+                let origin_inflight = if origin_up >= ORIGIN_SLOTS { limits.origin_slots } else { to_origin[i] };
+                let v = engine::View { have: &have[i], pending: &pending[i], peers: &views, origin_inflight };
                 match engine::next(&v, &limits, salts[i]) {
                     Some(Pick::Peer { piece, peer }) => {
                         let (k, src) = known[peer];
                         uploads[src] += 1;
                         to_peer[i][k] += 1;
-                        xfers.push(Xfer { piece, src: Some((src, k)), dst: i, left: g.len_of(piece) as f64 });
+                        xfers.push(Xfer { piece, src: Some((src, k)), dst: i, sent: 0.0, got: 0.0 });
                         pending[i][piece] += 1;
                         downloads[i] += 1;
                     }
@@ -104,7 +118,7 @@ pub fn simulate(a: &SimArgs) -> (Vec<f64>, report::LowerBound, f64) {
                         served[piece] += 1;
                         origin_up += 1;
                         to_origin[i] += 1;
-                        xfers.push(Xfer { piece, src: None, dst: i, left: g.len_of(piece) as f64 });
+                        xfers.push(Xfer { piece, src: None, dst: i, sent: 0.0, got: 0.0 });
                         pending[i][piece] += 1;
                         downloads[i] += 1;
                     }
@@ -112,31 +126,44 @@ pub fn simulate(a: &SimArgs) -> (Vec<f64>, report::LowerBound, f64) {
                 }
             }
         }
-        // Move bytes.
+        // Move bytes: a source sends into the connection at its share of its cap and is
+        // free for its next request once the piece is out (socket buffers hold what the
+        // destination has not read yet); the destination reads at its share.
         t += dt;
         let mut k = 0;
         while k < xfers.len() {
             let x = &mut xfers[k];
-            let up = match x.src {
-                Some((s, _)) => b / uploads[s] as f64,
-                None => b / origin_up as f64,
+            let len = g.len_of(x.piece) as f64;
+            if x.sent < len {
+                let up = match x.src {
+                    Some((s, _)) => b / uploads[s].max(1) as f64,
+                    None => b / origin_up.max(1) as f64,
+                };
+                x.sent = (x.sent + up * dt).min(len);
+                if x.sent >= len {
+                    match x.src {
+                        Some((s, _)) => uploads[s] -= 1,
+                        None => {
+                            origin_up -= 1;
+                            egress += g.len_of(x.piece);
+                        }
+                    }
+                }
+            }
+            let down = match x.src {
+                Some(_) if to_origin[x.dst] > 0 => 0.0,
+                Some(_) => b / (downloads[x.dst] - to_origin[x.dst]).max(1) as f64,
+                None => b,
             };
-            x.left -= up.min(b / downloads[x.dst] as f64) * dt;
-            if x.left > 0.0 {
+            x.got = (x.got + down * dt).min(x.sent);
+            if x.got < len {
                 k += 1;
                 continue;
             }
             let x = xfers.swap_remove(k);
             match x.src {
-                Some((s, k)) => {
-                    uploads[s] -= 1;
-                    to_peer[x.dst][k] -= 1;
-                }
-                None => {
-                    origin_up -= 1;
-                    to_origin[x.dst] -= 1;
-                    egress += g.len_of(x.piece);
-                }
+                Some((_, k)) => to_peer[x.dst][k] -= 1,
+                None => to_origin[x.dst] -= 1,
             }
             downloads[x.dst] -= 1;
             pending[x.dst][x.piece] -= 1;

@@ -27,6 +27,9 @@ pub fn mirror_router(agent: &Arc<Agent>) -> Router {
         .with_state(agent.clone())
 }
 
+/// How long a piece request waits for an upload slot before the peer answers busy.
+const UPLOAD_WAIT: std::time::Duration = std::time::Duration::from_millis(300);
+
 pub fn peer_router(agent: &Arc<Agent>) -> Router {
     let me = agent.clone();
     Router::new()
@@ -37,15 +40,27 @@ pub fn peer_router(agent: &Arc<Agent>) -> Router {
         .with_state(agent.clone())
 }
 
-async fn piece_handler(State(a): State<Arc<Agent>>, AxPath((d, i)): AxPath<(String, usize)>) -> Response {
+async fn piece_handler(
+    State(a): State<Arc<Agent>>,
+    AxPath((d, i)): AxPath<(String, usize)>,
+    headers: HeaderMap,
+) -> Response {
     let Ok(d) = d.parse::<Digest>() else {
         return registry_error(StatusCode::BAD_REQUEST, "DIGEST_INVALID", "not a sha256 digest");
     };
-    let Some(t) = a.known_transfer(&d).await.filter(|t| t.has(i)) else {
+    let Some(t) = a.known_transfer(&d).await else {
         return registry_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", "this peer does not have that piece");
     };
-    // Busy peers refuse at once (rather than queue) so that the requester asks another.
-    let Ok(permit) = a.upload_slots.clone().try_acquire_owned() else {
+    let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    if let (Some(addr), Some(have)) = (header(crate::api::PEER_ADDR), header(crate::api::PEER_HAVE)) {
+        t.heard_from(addr, have);
+    }
+    if !t.has(i) {
+        return registry_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", "this peer does not have that piece");
+    }
+    // A busy peer queues the request briefly, so that its link does not idle between
+    // pieces, then refuses (with its bitfield) so that the requester asks another.
+    let Ok(Ok(permit)) = tokio::time::timeout(UPLOAD_WAIT, a.upload_slots.clone().acquire_owned()).await else {
         return (StatusCode::SERVICE_UNAVAILABLE, [(crate::api::PEER_HAVE, t.have_hex())]).into_response();
     };
     match t.read_piece(i) {

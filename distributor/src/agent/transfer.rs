@@ -28,6 +28,9 @@ const ANNOUNCE_EVERY: Duration = Duration::from_millis(250);
 const ORIGIN_QUIET: Duration = Duration::from_millis(200);
 const SEED_ANNOUNCE_EVERY: Duration = Duration::from_secs(2);
 /// A peer that refused (all upload slots taken) is left alone this long.
+/// Requests to peers in flight at most, and to one peer.
+pub const MAX_INFLIGHT: usize = 12;
+pub const PER_PEER: usize = 3;
 const BUSY_BACKOFF: Duration = Duration::from_millis(60);
 const BUSY: &str = "busy";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
@@ -51,6 +54,10 @@ pub struct Transfer {
     /// Bytes received for this blob (including bytes of pieces later rejected): the
     /// watchdog's measure of progress, so that slow but moving pieces are not aborted.
     received: std::sync::atomic::AtomicU64,
+    /// Bitfields heard from peers that asked us for pieces (address → hex), newest only;
+    /// the driver takes them, so that it learns of new pieces without waiting for the
+    /// tracker.
+    heard: Mutex<HashMap<String, String>>,
 }
 
 struct TState {
@@ -81,6 +88,7 @@ impl Transfer {
             changed: watch::channel(0).0,
             started: Instant::now(),
             received: Default::default(),
+            heard: Default::default(),
         })
     }
 
@@ -133,6 +141,7 @@ impl Transfer {
             changed: watch::channel(0).0,
             started: Instant::now(),
             received: Default::default(),
+            heard: Default::default(),
         })
     }
 
@@ -159,6 +168,19 @@ impl Transfer {
 
     pub fn has(&self, i: usize) -> bool {
         self.lock().have.get(i)
+    }
+
+    /// Record the bitfield a requesting peer sent along (see [`crate::api::PEER_ADDR`]).
+    pub fn heard_from(&self, addr: &str, have_hex: &str) {
+        if self.is_done() {
+            return;
+        }
+        let mut h = self.heard.lock().unwrap_or_else(|p| p.into_inner());
+        h.insert(addr.to_string(), have_hex.to_string());
+    }
+
+    fn take_heard(&self) -> HashMap<String, String> {
+        std::mem::take(&mut *self.heard.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn bump(&self) {
@@ -269,12 +291,13 @@ pub async fn drive(agent: Arc<Agent>, t: Arc<Transfer>) {
 async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String> {
     let n = t.geo.count();
     let salt: u64 = rand::random();
-    // Keep about a second of downloading in flight: with more, every piece would crawl
-    // under the download cap and none would finish before the watchdog.
-    let mut limits = Limits::default();
+    // Keep up to about a second of downloading requested: peers queue requests briefly,
+    // so that several requests per peer keep its link busy between pieces, while each
+    // peer serves only a couple at a time (a piece can be passed on once it is whole).
+    let mut limits = Limits { max_inflight: MAX_INFLIGHT, per_peer: PER_PEER, ..Limits::default() };
     if let Some(rate) = agent.down.rate() {
         let fit = usize::try_from(rate / t.geo.piece_size.max(1)).unwrap_or(usize::MAX);
-        limits.max_inflight = fit.clamp(2, limits.max_inflight);
+        limits.max_inflight = fit.clamp(2, MAX_INFLIGHT);
     }
     let mut last_received = 0u64;
     let mut last_piece = Instant::now();
@@ -285,6 +308,7 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
     let mut tasks: JoinSet<Outcome> = JoinSet::new();
     let mut last_announce: Option<Instant> = None;
     let mut last_progress = Instant::now();
+    let mut last_check = Instant::now() - WATCHDOG;
     let mut stop = agent.stop.clone();
     loop {
         if agent.stopping() {
@@ -313,27 +337,39 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
                 Err(e) => tracing::debug!("agent: announce for {}: {e}", t.digest),
             }
         }
+        for (a, hex) in t.take_heard() {
+            if a == agent.advertise || agent.is_banned(&a) {
+                continue;
+            }
+            if let Some(b) = Bitfield::from_hex(&hex, n) {
+                peers.entry(a).or_insert(Peer { have: Bitfield::new(n), inflight: 0, busy_until: None }).have = b;
+            }
+        }
         // Plan as many requests as the limits allow.
+        let now = Instant::now();
+        let addrs: Vec<String> = peers
+            .iter()
+            .filter(|(a, p)| !agent.is_banned(a) && p.busy_until.is_none_or(|t| t <= now))
+            .map(|(a, _)| a.clone())
+            .collect();
+        let mut views: Vec<PeerView> = addrs
+            .iter()
+            .filter_map(|a| peers.get(a))
+            .map(|p| PeerView { have: p.have.clone(), inflight: p.inflight })
+            .collect();
+        let avail = engine::availability(n, &views);
         loop {
-            let now = Instant::now();
-            let addrs: Vec<String> = peers
-                .iter()
-                .filter(|(a, p)| !agent.is_banned(a) && p.busy_until.is_none_or(|t| t <= now))
-                .map(|(a, _)| a.clone())
-                .collect();
-            let views: Vec<PeerView> = addrs
-                .iter()
-                .filter_map(|a| peers.get(a))
-                .map(|p| PeerView { have: p.have.clone(), inflight: p.inflight })
-                .collect();
             // After the origin had nothing for us, leave it alone for a moment.
             let origin_view = if Instant::now() < origin_quiet_until { limits.origin_slots } else { origin_inflight };
             let v = engine::View { have: &have, pending: &pending, peers: &views, origin_inflight: origin_view };
-            match engine::next(&v, &limits, salt) {
+            match engine::next_with(&v, &avail, &limits, salt) {
                 Some(Pick::Peer { piece, peer }) => {
                     let Some(addr) = addrs.get(peer).cloned() else { break };
                     if let Some(p) = peers.get_mut(&addr) {
                         p.inflight += 1;
+                    }
+                    if let Some(v) = views.get_mut(peer) {
+                        v.inflight += 1;
                     }
                     pending[piece] = pending[piece].saturating_add(1);
                     tasks.spawn(fetch_from_peer(agent.clone(), t.clone(), addr, piece));
@@ -342,12 +378,16 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
                     // Tell the origin what not to send: what we have, are fetching, or
                     // can get from a peer we have not dropped and that is not refusing
                     // (busy, or at its request cap).
+                    let mut trusted = vec![0u32; n];
+                    for (_, p) in peers
+                        .iter()
+                        .filter(|(a, p)| !agent.is_banned(a) && p.busy_until.is_none_or(|t| t <= now))
+                    {
+                        p.have.add_to(&mut trusted);
+                    }
                     let mut skip = have.clone();
-                    for (i, &c) in pending.iter().enumerate() {
-                        let from_peer = peers.iter().any(|(a, p)| {
-                            p.have.get(i) && !agent.is_banned(a) && p.busy_until.is_none_or(|t| t <= now)
-                        });
-                        if c > 0 || from_peer {
+                    for (i, (&c, &from_peer)) in pending.iter().zip(&trusted).enumerate() {
+                        if c > 0 || from_peer > 0 {
                             skip.set(i);
                         }
                     }
@@ -423,8 +463,15 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
         if last_piece.elapsed() > GIVE_UP {
             return Err(format!("no peer and not the origin could serve {} for {GIVE_UP:?}", t.digest));
         }
-        if let Some(f) = check_origin_failed(agent, t, last_progress).await {
-            return Err(f);
+        // Ask at most once per watchdog period: the piece list is large, and a whole
+        // swarm waiting for its first pieces would otherwise keep the origin busy.
+        if last_check.elapsed() >= WATCHDOG {
+            if let Some(f) = check_origin_failed(agent, t, last_progress).await {
+                return Err(f);
+            }
+            if last_progress.elapsed() >= WATCHDOG {
+                last_check = Instant::now();
+            }
         }
     }
     finish(agent, t).await

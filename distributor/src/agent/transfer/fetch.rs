@@ -70,7 +70,10 @@ pub(super) struct Got {
     pub have: Option<String>,
 }
 
-/// Read a response body under the download cap, refusing more than `max` bytes.
+/// Read a response body under the download cap, refusing more than `max` bytes. Pieces
+/// from the origin are read at once (the origin's own cap paces them) and the peers'
+/// pieces owe their bytes: the origin's upload is the scarcest link of the swarm, and
+/// every piece it sends is new to the swarm.
 pub(super) async fn read_body(
     agent: &Agent,
     t: &Transfer,
@@ -78,12 +81,17 @@ pub(super) async fn read_body(
     max: u64,
     m: M,
 ) -> Result<Bytes, String> {
+    let from_origin = matches!(m, M::BytesDownOrigin);
     let mut buf = BytesMut::new();
     while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
         if (buf.len() + chunk.len()) as u64 > max {
             return Err(format!("more than the {max} bytes expected"));
         }
-        agent.down.acquire(chunk.len()).await;
+        if from_origin {
+            agent.down.take(chunk.len());
+        } else {
+            agent.down.acquire(chunk.len()).await;
+        }
         agent.metrics.add(m, chunk.len() as u64);
         t.received.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
         buf.extend_from_slice(&chunk);
@@ -94,7 +102,15 @@ pub(super) async fn read_body(
 pub(super) async fn fetch_from_peer(agent: Arc<Agent>, t: Arc<Transfer>, addr: String, i: usize) -> Outcome {
     let url = format!("http://{addr}/dist/v1/piece/{}/{i}", t.digest);
     let r = async {
-        let resp = agent.http.get(&url).header("authorization", agent.auth()).timeout(REQUEST_TIMEOUT).send().await;
+        let resp = agent
+            .http
+            .get(&url)
+            .header("authorization", agent.auth())
+            .header(crate::api::PEER_ADDR, &agent.advertise)
+            .header(crate::api::PEER_HAVE, t.have_hex())
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await;
         let resp = resp.map_err(|e| e.to_string())?;
         if resp.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE {
             return Err(BUSY.to_string());
