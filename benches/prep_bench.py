@@ -9,7 +9,10 @@ one gzip image, scratch base, the version's layers only), for each of --repeat r
               the reference; full verification: digests, sizes, DiffIDs, TOCs)
   cold/regions scap-bridge prep with scap's regions left alone (the default: the image's
               cache/l10n/*.cdb are not written)
-  re-prep     the same prep again (must write 0 bytes)
+  re-prep     the same prep again (must write 0 bytes); it and the update are compared with
+              the faster of the two cold preps (the one with regions skipped runs right
+              after the removal of a whole tree, and ext4's inode allocator then spends
+              seconds skipping the recently deleted inodes while the tree is created)
   update      after `mwfixture edit` of K files and an mwbuild rebuild: prep of the new image
               (bytes written vs bytes of the changed files)
   umoci       umoci raw unpack of the gzip image, vs scap-bridge unpack of the same image
@@ -137,9 +140,10 @@ def main():
     print(f"{'zstd -dc LAYER | tar -x (each layer)':<44}{r:>9.2f}{1.0:>9.2f}x")
     print(f"{'prep cold (--manage-scap-regions)':<44}{c:>9.2f}{c / r:>9.2f}x   <= 1.00x of zstd|tar")
     print(f"{'prep cold (default: scap regions skipped)':<44}{med['cold_regions']:>9.2f}{med['cold_regions'] / r:>9.2f}x")
-    print(f"{'re-prep, same image':<44}{med['reprep']:>9.3f}{med['reprep'] / med['cold_regions'] * 100:>8.1f}%   <= 5% of cold, 0 bytes (wrote {max(reprep_bytes)})")
+    base = min(c, med["cold_regions"])
+    print(f"{'re-prep, same image':<44}{med['reprep']:>9.3f}{med['reprep'] / base * 100:>8.1f}%   <= 5% of cold, 0 bytes (wrote {max(reprep_bytes)})")
     wrote, changed, n = upd[-1]
-    print(f"{'update, ' + str(a.k) + ' files changed':<44}{med['update']:>9.2f}{med['update'] / med['cold_regions'] * 100:>8.1f}%   wrote {wrote} B (+ provenance) for {changed} B changed: {wrote / max(changed, 1):.3f}x, target <= 1.05x")
+    print(f"{'update, ' + str(a.k) + ' files changed':<44}{med['update']:>9.2f}{med['update'] / base * 100:>8.1f}%   wrote {wrote} B (+ provenance) for {changed} B changed: {wrote / max(changed, 1):.3f}x, target <= 1.05x")
     if have_umoci:
         print(f"{'umoci raw unpack (gzip image)':<44}{med['umoci']:>9.2f}")
         print(f"{'scap-bridge unpack (gzip image)':<44}{med['unpack']:>9.2f}{med['umoci'] / med['unpack']:>9.2f}x faster   >= 3x")

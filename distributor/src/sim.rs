@@ -88,6 +88,14 @@ pub fn simulate(a: &SimArgs) -> (Vec<f64>, report::LowerBound, f64) {
             if !done[i].is_nan() {
                 continue;
             }
+            // Nothing to plan while every request slot is taken (the common case once the
+            // swarm runs; it keeps 1,000-10,000 nodes tractable).
+            let origin_full = to_origin[i] >= limits.origin_slots || origin_up >= ORIGIN_SLOTS;
+            if downloads[i] - to_origin[i] >= limits.max_inflight && origin_full {
+                continue;
+            }
+            // Availability is counted once per round, as the agent does.
+            let mut avail: Option<Vec<u32>> = None;
             loop {
                 let known: Vec<(usize, usize)> =
                     samples[i].iter().copied().enumerate().filter(|&(_, j)| uploads[j] < UPLOAD_SLOTS).collect();
@@ -97,7 +105,8 @@ pub fn simulate(a: &SimArgs) -> (Vec<f64>, report::LowerBound, f64) {
                 // empty).
                 let origin_inflight = if origin_up >= ORIGIN_SLOTS { limits.origin_slots } else { to_origin[i] };
                 let v = engine::View { have: &have[i], pending: &pending[i], peers: &views, origin_inflight };
-                match engine::next(&v, &limits, salts[i]) {
+                let avail = avail.get_or_insert_with(|| engine::availability(np, &views));
+                match engine::next_with(&v, avail, &limits, salts[i]) {
                     Some(Pick::Peer { piece, peer }) => {
                         let (k, src) = known[peer];
                         uploads[src] += 1;

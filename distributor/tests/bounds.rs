@@ -86,9 +86,10 @@ async fn seeders(tracker: &str, d: &Digest, size: u64) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_port_at_its_request_cap_refuses_at_once_and_pullers_go_elsewhere() {
-    // 9 MiB: 128 KiB pieces, more than one burst of the rate limiter, so that a piece
-    // sent at 1 KiB/s stays in flight for the whole test.
-    let sizes = [9 << 20];
+    // 40 MiB: 128 KiB pieces, more than one burst of the rate limiter (64 KiB), so that
+    // a piece sent at 1 KiB/s stays in flight for the whole test.
+    let sizes: [usize; 1] = [40 << 20];
+    assert!(mwdist::pieces::piece_size_for(sizes[0] as u64) > 64 << 10);
     let w = World::new(&sizes).await;
     let d = &w.layers[0];
     let origin = w.origin("origin", &[]);
@@ -253,7 +254,7 @@ async fn origins_sharing_a_tracker_form_one_swarm_and_a_tracker_restart_loses_no
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_agent_keeps_the_verified_pieces_of_a_partial_blob() {
-    let sizes = [4 << 20];
+    let sizes = [8 << 20];
     let w = World::new(&sizes).await;
     let d = &w.layers[0];
     let size = w.sizes[0];

@@ -6,12 +6,13 @@
 //! against the TOC, before the swap), else from reading the layer once up front. A layer
 //! is read during the build when content is needed from it or it has not been verified
 //! yet; layers we verified before and need nothing from are not read at all. A re-run on
-//! an unchanged tree with the same image and options stops after one `statx` per entry.
+//! an unchanged tree with the same image and options stops after one `statx` per entry
+//! (see [`crate::recheck`]).
 
 use crate::apply::Builder;
 use crate::blob::Limits;
 use crate::error::{Error, Result};
-use crate::fsutil::{self, DiskEntry, FsKind, Time};
+use crate::fsutil::{self, FsKind, Time};
 use crate::image::{LayerRef, ResolvedImage};
 use crate::index::{self, LayerIndex};
 use crate::layer::{read_layer, Job, NoExtract};
@@ -19,13 +20,13 @@ use crate::lock::Lock;
 use crate::path::PathKey;
 use crate::plan::{self, in_scap_region, Counts, Modes};
 use crate::provenance::{self, PROVENANCE_FILE};
+use crate::recheck;
 use crate::source::Source;
 use crate::state::{Recorded, StateDir, TreeState};
 use crate::view::{ContentRef, Node, NodeKind, SymlinkPolicy, View, ViewBuilder};
 use oci_core::reference::ImageRef;
 use oci_core::registry::ClientOptions;
 use sha2::Digest as _;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -170,27 +171,6 @@ fn fingerprint(o: &ApplyOptions) -> String {
     )
 }
 
-/// Whether the tree is exactly what we recorded (regions aside).
-fn unchanged_since(ts: &TreeState, live: &BTreeMap<PathKey, DiskEntry>, regions: bool) -> bool {
-    let mut n = 0;
-    for (k, e) in live {
-        if regions && in_scap_region(k.as_str()) {
-            continue;
-        }
-        n += 1;
-        let Some(r) = ts.entries.get(k) else { return false };
-        let (a, b) = (&r.stat, &e.stat);
-        // A directory's times move whenever scap writes into it (cache/l10n); added and
-        // removed names are caught by comparing the listings.
-        let times = a.kind == FsKind::Dir || (a.size == b.size && a.mtime == b.mtime && a.ctime == b.ctime);
-        let same = a.kind == b.kind && a.mode == b.mode && a.dev == b.dev && a.ino == b.ino && times;
-        if !same {
-            return false;
-        }
-    }
-    n == ts.entries.len()
-}
-
 /// Make `o.target` equal to the image's subtree; see the module docs.
 pub fn apply(o: &ApplyOptions) -> Result<Summary> {
     let t0 = Instant::now();
@@ -219,29 +199,28 @@ pub fn apply(o: &ApplyOptions) -> Result<Summary> {
         }
         Some(_) => return Err(Error::Usage(format!("{} exists and is not a directory", target.display()))),
     };
-    // Our record is parsed while the live tree is scanned.
-    let (live, recorded) = std::thread::scope(|s| {
-        let loader = s.spawn(|| state.load_tree(&target));
-        let live = match &live_root {
-            Some(fd) => {
-                fsutil::scan_tree(fd, &|_| false).map(Some).map_err(Error::io(&target, "cannot read the live tree"))
-            }
-            None => Ok(None),
-        };
-        (live, loader.join().ok().flatten())
-    });
-    let live = live?;
-    tracing::debug!("{:?}: scanned the live tree, loaded the state", t0.elapsed());
+    let recorded = state.load_tree(&target);
+    tracing::debug!("{:?}: loaded the state", t0.elapsed());
     let fp = fingerprint(o);
-    if let (Some(ts), Some(live)) = (&recorded, &live) {
-        if ts.manifest == summary.manifest_digest && ts.fingerprint == fp && unchanged_since(ts, live, o.scap_regions) {
-            summary.counts.unchanged = live.values().filter(|e| e.stat.kind != FsKind::Dir).count() as u64;
+    if let (Some(ts), Some(root)) = (&recorded, &live_root) {
+        let regions = o.scap_regions;
+        if ts.manifest == summary.manifest_digest
+            && ts.fingerprint == fp
+            && recheck::unchanged(root, ts, &|p| regions && in_scap_region(p))
+        {
+            tracing::debug!("{:?}: the live tree is as recorded", t0.elapsed());
+            summary.counts.unchanged = ts.entries.iter().filter(|(_, r)| r.stat.kind != FsKind::Dir).count() as u64;
             summary.nothing_to_do = true;
             summary.seconds = t0.elapsed().as_secs_f64();
             write_changed_list(o, &name, &[])?;
             return Ok(summary);
         }
     }
+    let live = match &live_root {
+        Some(fd) => Some(fsutil::scan_tree(fd, &|_| false).map_err(Error::io(&target, "cannot read the live tree"))?),
+        None => None,
+    };
+    tracing::debug!("{:?}: scanned the live tree", t0.elapsed());
 
     let mut indexed = index_layers(&src, &img, &o.image, &state, true)?;
     tracing::debug!("{:?}: indexed {} layers", t0.elapsed(), indexed.indexes.len());
@@ -358,7 +337,8 @@ fn record(
     let regions = o.scap_regions;
     let scanned =
         fsutil::scan_tree(&root, &|p| regions && in_scap_region(p)).map_err(Error::io(target, "cannot read"))?;
-    let mut ts = TreeState { manifest: manifest.to_string(), fingerprint: fp.to_string(), entries: BTreeMap::new() };
+    let mut ts = TreeState { manifest: manifest.to_string(), fingerprint: fp.to_string(), entries: Vec::new() };
+    // In walk order, as the record must be.
     for (k, e) in scanned {
         if regions && in_scap_region(k.as_str()) {
             continue;
@@ -367,7 +347,7 @@ fn record(
             Some(Node { kind: NodeKind::File { sha256, .. }, .. }) if e.stat.kind == FsKind::File => Some(*sha256),
             _ => None,
         };
-        ts.entries.insert(k, Recorded { stat: e.stat, sha256 });
+        ts.entries.push((k, Recorded { stat: e.stat, sha256 }));
     }
     state.save_tree(target, &ts)
 }

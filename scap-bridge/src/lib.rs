@@ -24,7 +24,8 @@
 //! * [`plan`]: per path: hardlink unchanged, write changed, mtimes, scap regions.
 //! * [`apply`]: building the new tree by descriptor and swapping it in atomically.
 //! * [`fsutil`]: the descriptor-relative file-system calls (openat2 `RESOLVE_BENEATH`).
-//! * [`state`]: our own records outside staging; [`lock`]: scap's lock;
+//! * [`state`]: our own records outside staging; [`recheck`]: whether a tree is still what
+//!   we recorded (a re-run's early stop); [`lock`]: scap's lock;
 //!   [`provenance`]: the file scap can read instead of `.git`.
 //! * [`engine`] runs `prep`/`unpack`; [`verify`] runs `verify`; [`cli`] parses arguments.
 //!
@@ -43,6 +44,7 @@ pub mod lock;
 pub mod path;
 pub mod plan;
 pub mod provenance;
+pub mod recheck;
 pub mod source;
 pub mod state;
 pub mod tar;

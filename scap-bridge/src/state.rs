@@ -12,6 +12,9 @@
 //! is ignored (costing time, never correctness), since every fact it holds is checked
 //! against the file system (`dev`, `ino`, size, mode, mtime and ctime must all match before
 //! a recorded sha256 is believed).
+//!
+//! A tree state is a compact binary record (read on every run, so it must parse in a few
+//! milliseconds for 200,000 entries); the text form of earlier versions is still read.
 
 use crate::error::{Error, Result};
 use crate::fsutil::{FsKind, Stat, Time};
@@ -50,10 +53,15 @@ pub struct Recorded {
 pub struct TreeState {
     pub manifest: String,
     pub fingerprint: String,
-    pub entries: BTreeMap<PathKey, Recorded>,
+    /// Sorted by [`PathKey`] order (a directory immediately followed by its descendants),
+    /// one entry per path.
+    pub entries: Vec<(PathKey, Recorded)>,
 }
 
-const TREE_MAGIC: &str = "scap-bridge tree state v1";
+/// The text form of earlier versions (read, never written).
+const TREE_MAGIC_V1: &str = "scap-bridge tree state v1";
+/// The binary form: this line, then the body, then the sha256 of everything before it.
+const TREE_MAGIC_V2: &[u8] = b"scap-bridge tree state v2\n";
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -67,6 +75,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+#[cfg(test)]
 fn sealed(body: String) -> String {
     let sum = hex::encode(Sha256::digest(body.as_bytes()));
     format!("{body}checksum {sum}\n")
@@ -89,10 +98,159 @@ fn kind_char(k: FsKind) -> char {
     }
 }
 
+/// A little-endian reader over a byte slice; every read fails cleanly past the end.
+struct Cursor<'a> {
+    b: &'a [u8],
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if n > self.b.len() {
+            return None;
+        }
+        let (a, rest) = self.b.split_at(n);
+        self.b = rest;
+        Some(a)
+    }
+    fn arr<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.take(N)?.try_into().ok()
+    }
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.arr::<1>()?[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_le_bytes(self.arr()?))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.arr()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.arr()?))
+    }
+    fn i64(&mut self) -> Option<i64> {
+        Some(i64::from_le_bytes(self.arr()?))
+    }
+    fn time(&mut self) -> Option<Time> {
+        Some(Time { sec: self.i64()?, nsec: self.u32()? })
+    }
+    fn str(&mut self, n: usize) -> Option<&'a str> {
+        std::str::from_utf8(self.take(n)?).ok()
+    }
+}
+
+fn kind_byte(k: FsKind) -> u8 {
+    kind_char(k) as u8
+}
+
+fn byte_kind(b: u8) -> Option<FsKind> {
+    Some(match b {
+        b'd' => FsKind::Dir,
+        b'f' => FsKind::File,
+        b'l' => FsKind::Symlink,
+        b'o' => FsKind::Other,
+        _ => return None,
+    })
+}
+
 impl TreeState {
-    pub fn to_text(&self) -> String {
+    /// The binary form:
+    ///
+    /// ```text
+    /// "scap-bridge tree state v2\n"
+    /// u32 length, manifest; u32 length, fingerprint; u64 number of entries
+    /// per entry: u8 kind (d f l o), u8 1 if a sha256 follows, u16 path length, u32 mode,
+    ///            u64 size, u32 dev major, u32 dev minor, u64 ino, u32 nlink,
+    ///            i64 + u32 mtime, i64 + u32 ctime, [32 bytes sha256], path
+    /// 32 bytes: sha256 of everything above
+    /// ```
+    ///
+    /// Integers are little-endian; entries are in [`PathKey`] order.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(128 + self.entries.len() * 160);
+        b.extend_from_slice(TREE_MAGIC_V2);
+        for s in [&self.manifest, &self.fingerprint] {
+            b.extend_from_slice(&u32::try_from(s.len()).unwrap_or(u32::MAX).to_le_bytes());
+            b.extend_from_slice(s.as_bytes());
+        }
+        b.extend_from_slice(&(self.entries.len() as u64).to_le_bytes());
+        for (k, r) in &self.entries {
+            let st = &r.stat;
+            let p = k.as_str().as_bytes();
+            b.push(kind_byte(st.kind));
+            b.push(u8::from(r.sha256.is_some()));
+            // Paths are at most PATH_MAX (4096) bytes.
+            b.extend_from_slice(&u16::try_from(p.len()).unwrap_or(u16::MAX).to_le_bytes());
+            b.extend_from_slice(&st.mode.to_le_bytes());
+            b.extend_from_slice(&st.size.to_le_bytes());
+            b.extend_from_slice(&st.dev.0.to_le_bytes());
+            b.extend_from_slice(&st.dev.1.to_le_bytes());
+            b.extend_from_slice(&st.ino.to_le_bytes());
+            b.extend_from_slice(&st.nlink.to_le_bytes());
+            for t in [st.mtime, st.ctime] {
+                b.extend_from_slice(&t.sec.to_le_bytes());
+                b.extend_from_slice(&t.nsec.to_le_bytes());
+            }
+            if let Some(sha) = &r.sha256 {
+                b.extend_from_slice(sha);
+            }
+            b.extend_from_slice(p);
+        }
+        let sum: [u8; 32] = Sha256::digest(&b).into();
+        b.extend_from_slice(&sum);
+        b
+    }
+
+    /// Parse either form; `None` for anything damaged, truncated or out of order.
+    pub fn from_bytes(bytes: &[u8]) -> Option<TreeState> {
+        if !bytes.starts_with(TREE_MAGIC_V2) {
+            return Self::from_text(std::str::from_utf8(bytes).ok()?);
+        }
+        let (body, sum) = bytes.split_at(bytes.len().checked_sub(32)?);
+        if Sha256::digest(body).as_slice() != sum {
+            return None;
+        }
+        let mut c = Cursor { b: &body[TREE_MAGIC_V2.len()..] };
+        let n = c.u32()? as usize;
+        let manifest = c.str(n)?.to_string();
+        let n = c.u32()? as usize;
+        let fingerprint = c.str(n)?.to_string();
+        let count = usize::try_from(c.u64()?).ok()?;
+        // Each entry takes at least 64 bytes: a count beyond that is damage.
+        let mut entries: Vec<(PathKey, Recorded)> = Vec::with_capacity(count.min(c.b.len() / 64));
+        for _ in 0..count {
+            let kind = byte_kind(c.u8()?)?;
+            let has_sha = c.u8()?;
+            let plen = c.u16()? as usize;
+            let mode = c.u32()?;
+            let size = c.u64()?;
+            let dev = (c.u32()?, c.u32()?);
+            let ino = c.u64()?;
+            let nlink = c.u32()?;
+            let mtime = c.time()?;
+            let ctime = c.time()?;
+            let sha256 = match has_sha {
+                0 => None,
+                1 => Some(c.arr::<32>()?),
+                _ => return None,
+            };
+            let key = PathKey::new(c.str(plen)?);
+            if entries.last().is_some_and(|(prev, _)| *prev >= key) {
+                return None;
+            }
+            let stat = Stat { kind, mode, size, dev, ino, nlink, mtime, ctime };
+            entries.push((key, Recorded { stat, sha256 }));
+        }
+        if !c.b.is_empty() {
+            return None;
+        }
+        Some(TreeState { manifest, fingerprint, entries })
+    }
+
+    /// The text form of earlier versions (kept for tests of the reader).
+    #[cfg(test)]
+    fn to_text(&self) -> String {
         let mut s = String::with_capacity(128 + self.entries.len() * 128);
-        s.push_str(&format!("{TREE_MAGIC}\nmanifest {}\nfingerprint {}\n", self.manifest, self.fingerprint));
+        s.push_str(&format!("{TREE_MAGIC_V1}\nmanifest {}\nfingerprint {}\n", self.manifest, self.fingerprint));
         for (k, r) in &self.entries {
             let st = &r.stat;
             let sha = r.sha256.map(hex::encode).unwrap_or_default();
@@ -115,10 +273,11 @@ impl TreeState {
         sealed(s)
     }
 
-    pub fn from_text(text: &str) -> Option<TreeState> {
+    /// The text form of earlier versions.
+    fn from_text(text: &str) -> Option<TreeState> {
         let body = unseal(text)?;
         let mut lines = body.lines();
-        if lines.next()? != TREE_MAGIC {
+        if lines.next()? != TREE_MAGIC_V1 {
             return None;
         }
         let manifest = lines.next()?.strip_prefix("manifest ")?.to_string();
@@ -157,13 +316,20 @@ impl TreeState {
             };
             entries.insert(PathKey::new(p), Recorded { stat, sha256 });
         }
-        Some(TreeState { manifest, fingerprint, entries })
+        Some(TreeState { manifest, fingerprint, entries: entries.into_iter().collect() })
+    }
+
+    /// What we recorded at `p`.
+    pub fn get(&self, p: &str) -> Option<&Recorded> {
+        let key = PathKey::new(p);
+        let i = self.entries.binary_search_by(|(k, _)| k.cmp(&key)).ok()?;
+        Some(&self.entries[i].1)
     }
 
     /// The recorded sha256 of the file at `p`, if `now` (its current stat) matches what we
     /// recorded in every field that a change of content would touch.
     pub fn known_sha(&self, p: &str, now: &Stat) -> Option<Sha> {
-        let r = self.entries.get(&PathKey::new(p))?;
+        let r = self.get(p)?;
         let s = &r.stat;
         let same = s.kind == FsKind::File
             && now.kind == FsKind::File
@@ -220,8 +386,8 @@ impl StateDir {
     /// The recorded state of a target, if there is a sound one.
     pub fn load_tree(&self, target: &Path) -> Option<TreeState> {
         let p = self.tree_path(target);
-        let text = fs::read_to_string(&p).ok()?;
-        let s = TreeState::from_text(&text);
+        let bytes = fs::read(&p).ok()?;
+        let s = TreeState::from_bytes(&bytes);
         if s.is_none() {
             tracing::warn!("{}: damaged state file ignored", p.display());
         }
@@ -229,7 +395,7 @@ impl StateDir {
     }
 
     pub fn save_tree(&self, target: &Path, s: &TreeState) -> Result<()> {
-        write_atomic(&self.tree_path(target), s.to_text().as_bytes())
+        write_atomic(&self.tree_path(target), &s.to_bytes())
     }
 
     pub fn forget_tree(&self, target: &Path) -> Result<()> {
@@ -291,15 +457,42 @@ mod tests {
             mtime: Time { sec: 1_700_000_000, nsec: 5 },
             ctime: Time { sec: 1_700_000_001, nsec: 0 },
         };
-        let mut s = TreeState { manifest: "sha256:x".into(), fingerprint: "f".into(), entries: BTreeMap::new() };
-        s.entries.insert(PathKey::new("a b/c"), Recorded { stat: stat.clone(), sha256: Some([3; 32]) });
-        s.entries.insert(PathKey::new(""), Recorded { stat: Stat { kind: FsKind::Dir, ..stat.clone() }, sha256: None });
+        let dir = Recorded { stat: Stat { kind: FsKind::Dir, ..stat.clone() }, sha256: None };
+        let link = Recorded { stat: Stat { kind: FsKind::Symlink, ino: 7, ..stat.clone() }, sha256: None };
+        let s = TreeState {
+            manifest: "sha256:x".into(),
+            fingerprint: "f".into(),
+            entries: vec![
+                (PathKey::new(""), dir.clone()),
+                (PathKey::new("a b"), dir.clone()),
+                (PathKey::new("a b/c"), Recorded { stat: stat.clone(), sha256: Some([3; 32]) }),
+                (PathKey::new("a b/ñ"), link),
+                (PathKey::new("a-b"), dir),
+            ],
+        };
+        let touched = Stat { ctime: Time { sec: 1_700_000_002, nsec: 0 }, ..stat.clone() };
+        let b = s.to_bytes();
         let t = s.to_text();
-        let back = TreeState::from_text(&t).expect("round trip");
-        assert_eq!(back.entries, s.entries);
-        assert_eq!(back.known_sha("a b/c", &stat), Some([3; 32]));
-        let touched = Stat { ctime: Time { sec: 1_700_000_002, nsec: 0 }, ..stat };
-        assert_eq!(back.known_sha("a b/c", &touched), None);
-        assert!(TreeState::from_text(&t.replace("a b/c", "a b/d")).is_none());
+        for back in [TreeState::from_bytes(&b), TreeState::from_bytes(t.as_bytes())] {
+            let back = back.expect("round trip");
+            assert_eq!((&back.manifest, &back.fingerprint, &back.entries), (&s.manifest, &s.fingerprint, &s.entries));
+            assert_eq!(back.known_sha("a b/c", &stat), Some([3; 32]));
+            assert_eq!(back.known_sha("a b/c", &touched), None);
+            assert_eq!(back.known_sha("a b/d", &stat), None);
+            assert_eq!(back.get("a-b").map(|r| r.stat.kind), Some(FsKind::Dir));
+        }
+        assert!(TreeState::from_bytes(t.replace("a b/c", "a b/d").as_bytes()).is_none());
+        // Any flipped bit, any truncation, anything appended: ignored.
+        for i in 0..b.len() {
+            let mut bad = b.clone();
+            bad[i] ^= 0x10;
+            assert!(TreeState::from_bytes(&bad).is_none(), "bit flipped at {i}");
+            assert!(TreeState::from_bytes(&b[..i]).is_none(), "truncated at {i}");
+        }
+        assert!(TreeState::from_bytes(&[b.as_slice(), b"x"].concat()).is_none());
+        // Entries out of order are refused even when sealed.
+        let mut swapped = s.clone();
+        swapped.entries.swap(2, 3);
+        assert!(TreeState::from_bytes(&swapped.to_bytes()).is_none());
     }
 }

@@ -136,6 +136,68 @@ fn prep_is_incremental_and_keeps_the_mtime_contract() -> R {
     Ok(())
 }
 
+/// Every kind of edit a person or a tool could make to the live tree behind our back must
+/// stop a re-run from taking its early exit: the next prep undoes it, and the run after
+/// that has nothing to do again.
+#[test]
+fn edits_behind_our_back_are_seen_and_undone() -> R {
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+    type Edit = fn(&Path) -> std::io::Result<()>;
+    fn put_back_mtime(p: &Path, change: impl FnOnce() -> std::io::Result<()>) -> std::io::Result<()> {
+        let m = fs::symlink_metadata(p)?.modified()?;
+        change()?;
+        fs::File::open(p)?.set_modified(m)
+    }
+    let edits: [(&str, Edit); 11] = [
+        ("file added in a subdirectory", |l| fs::write(l.join("a/stray.php"), b"x")),
+        ("directory added", |l| fs::create_dir(l.join("b/new"))),
+        ("file removed", |l| fs::remove_file(l.join("b/three.php"))),
+        ("directory removed", |l| fs::remove_dir_all(l.join("b"))),
+        ("file renamed", |l| fs::rename(l.join("a/one.php"), l.join("a/uno.php"))),
+        ("same-size rewrite, mtime put back", |l| {
+            let f = l.join("a/two.php");
+            put_back_mtime(&f, || fs::write(&f, b"X"))
+        }),
+        ("file added, directory mtime put back", |l| put_back_mtime(l, || fs::write(l.join("stray.txt"), b"x"))),
+        ("file removed, directory mtime put back", |l| {
+            let d = l.join("a");
+            put_back_mtime(&d, || fs::remove_file(d.join("two.php")))
+        }),
+        ("mode changed", |l| fs::set_permissions(l.join("run.sh"), fs::Permissions::from_mode(0o664))),
+        ("directory replaced by a symlink", |l| {
+            fs::remove_dir_all(l.join("b"))?;
+            std::os::unix::fs::symlink("a", l.join("b"))
+        }),
+        ("file replaced by a directory", |l| {
+            fs::remove_file(l.join("a/one.php"))?;
+            fs::create_dir(l.join("a/one.php"))
+        }),
+    ];
+    let t = tmp();
+    let img = version_image(
+        &t.path().join("img"),
+        &[("a/one.php", b"1"), ("a/two.php", b"2"), ("b/three.php", b"3"), ("run.sh", b"#!")],
+        "v",
+    )?;
+    for (i, (what, edit)) in edits.iter().enumerate() {
+        let (staging, state) = (t.path().join(format!("staging{i}")), t.path().join(format!("state{i}")));
+        fs::create_dir_all(&staging)?;
+        apply(&prep_options(&img, "1.0", &staging, &state))?;
+        let live = staging.join("php-1.0");
+        let before = facts(&live)?;
+        edit(&live)?;
+        assert_ne!(content(&facts(&live)?), content(&before), "{what}: the edit must change the tree");
+        let s = apply(&prep_options(&img, "1.0", &staging, &state))?;
+        assert!(!s.nothing_to_do, "{what}: not seen");
+        assert_eq!(content(&facts(&live)?), content(&before), "{what}: not undone");
+        let s = apply(&prep_options(&img, "1.0", &staging, &state))?;
+        assert!(s.nothing_to_do && s.bytes_written == 0, "{what}: {s:?}");
+    }
+    Ok(())
+}
+
 #[test]
 fn lock_held_elsewhere_is_an_error() -> R {
     let t = tmp();
