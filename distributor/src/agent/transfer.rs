@@ -379,9 +379,8 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
                     // can get from a peer we have not dropped and that is not refusing
                     // (busy, or at its request cap).
                     let mut trusted = vec![0u32; n];
-                    for (_, p) in peers
-                        .iter()
-                        .filter(|(a, p)| !agent.is_banned(a) && p.busy_until.is_none_or(|t| t <= now))
+                    for (_, p) in
+                        peers.iter().filter(|(a, p)| !agent.is_banned(a) && p.busy_until.is_none_or(|t| t <= now))
                     {
                         p.have.add_to(&mut trusted);
                     }
