@@ -282,9 +282,26 @@ impl Walker<'_> {
         from_cache: bool,
     ) -> Result<Option<Vec<(String, Stat, FileKind)>>, WalkError> {
         let mut out = Vec::new();
+        // One lookup per name through the directory's own descriptor, not a path walk from
+        // the root for every entry.
+        let dfd = if rel.is_empty() {
+            None
+        } else {
+            match rustix::fs::openat(
+                &self.fd,
+                rel,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(fd) => Some(fd),
+                Err(e) if from_cache && e == rustix::io::Errno::NOENT => return Ok(None),
+                Err(e) => return Err(WalkError::Io { path: self.root.join(rel), source: e.into() }),
+            }
+        };
+        let at = dfd.as_ref().unwrap_or(&self.fd);
         for name in names {
             let child = join(rel, name);
-            match stat_at(&self.fd, &child) {
+            match stat_at(at, name) {
                 Ok((st, kind)) => out.push((child, st, kind)),
                 Err(e) if from_cache && e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
                 Err(source) => return Err(WalkError::Io { path: self.root.join(&child), source }),
