@@ -71,7 +71,7 @@ pub(super) struct Got {
 }
 
 /// Read a response body under the download cap, refusing more than `max` bytes. Pieces
-/// from the origin are read at once (the origin's own cap paces them) and the peers'
+/// from the origin are read at once (up to a second of the cap ahead) and the peers'
 /// pieces owe their bytes: the origin's upload is the scarcest link of the swarm, and
 /// every piece it sends is new to the swarm.
 pub(super) async fn read_body(
@@ -88,7 +88,12 @@ pub(super) async fn read_body(
             return Err(format!("more than the {max} bytes expected"));
         }
         if from_origin {
-            agent.down.take(chunk.len());
+            // Ahead of the peers' bytes, but never more than a second of the cap ahead:
+            // the cap holds when the origin is the only source.
+            let debt = agent.down.take(chunk.len());
+            if let Some(excess) = debt.checked_sub(std::time::Duration::from_secs(1)) {
+                tokio::time::sleep(excess).await;
+            }
         } else {
             agent.down.acquire(chunk.len()).await;
         }
