@@ -97,6 +97,24 @@ pub struct SlotRecord {
     pub last_key: Option<Digest>,
 }
 
+/// Replace `path` with `bytes` through a temporary file in the same directory, so a
+/// reader sees the old file or the new one, never a part.
+fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), CacheError> {
+    let io = |what| {
+        let path = path.to_path_buf();
+        move |source| CacheError::Io { path, what, source }
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir).map_err(io("cannot create file"))?;
+    io::Write::write_all(&mut tmp, bytes).map_err(io("cannot write file"))?;
+    tmp.persist(path).map_err(|e| CacheError::Io {
+        path: path.to_path_buf(),
+        what: "cannot replace file",
+        source: e.error,
+    })?;
+    Ok(())
+}
+
 pub struct Cache {
     root: PathBuf,
     blobs: Layout,
@@ -173,10 +191,6 @@ impl Cache {
     }
 
     fn write_sealed<T: Serialize>(&self, path: &Path, body: &T) -> Result<(), CacheError> {
-        let io = |what| {
-            let path = path.to_path_buf();
-            move |source| CacheError::Io { path, what, source }
-        };
         let bytes = serde_json::to_vec(body).map_err(|e| CacheError::Io {
             path: path.to_path_buf(),
             what: "cannot encode record",
@@ -185,15 +199,7 @@ impl Cache {
         let mut out = Digest::of(&bytes).to_string().into_bytes();
         out.push(b'\n');
         out.extend_from_slice(&bytes);
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir).map_err(io("cannot create record"))?;
-        io::Write::write_all(&mut tmp, &out).map_err(io("cannot write record"))?;
-        tmp.persist(path).map_err(|e| CacheError::Io {
-            path: path.to_path_buf(),
-            what: "cannot replace record",
-            source: e.error,
-        })?;
-        Ok(())
+        replace_file(path, &out)
     }
 
     fn slot_path(&self, slot: &str, source: &Path, ext: &str) -> PathBuf {
@@ -226,21 +232,7 @@ impl Cache {
     /// Keep a walk's listings. They are only a hint checked against every directory's
     /// lstat, so a torn write costs a full walk, never a wrong one: no fsync.
     pub fn save_walk(&self, root: &Path, excludes: &[String], s: &Snapshot) -> Result<(), CacheError> {
-        let path = self.walk_path(root, excludes);
-        let io = |what| {
-            let path = path.clone();
-            move |source| CacheError::Io { path, what, source }
-        };
-        let dir = self.root.join("walks");
-        let mut tmp =
-            tempfile::Builder::new().prefix(".tmp-").tempfile_in(&dir).map_err(io("cannot create snapshot"))?;
-        io::Write::write_all(&mut tmp, &s.encode()).map_err(io("cannot write snapshot"))?;
-        tmp.persist(&path).map_err(|e| CacheError::Io {
-            path: path.clone(),
-            what: "cannot replace snapshot",
-            source: e.error,
-        })?;
-        Ok(())
+        replace_file(&self.walk_path(root, excludes), &s.encode())
     }
 
     /// The per-file records of a slot (empty when missing or corrupt).

@@ -22,3 +22,19 @@ pub fn write_at(f: &File, offset: u64, bytes: &[u8]) -> io::Result<()> {
 pub fn digest_file(path: &std::path::Path) -> io::Result<(oci_core::Digest, u64)> {
     oci_core::digest::digest_reader(io::BufReader::new(File::open(path)?))
 }
+
+/// The complete blobs in a `blobs/` directory (files named by their hex digest), with
+/// their mtime (recency, for LRU eviction) and size. Unreadable or foreign names are left
+/// out.
+pub fn list_blobs(dir: &std::path::Path) -> Vec<(std::time::SystemTime, u64, oci_core::Digest)> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let d: oci_core::Digest = format!("sha256:{}", e.file_name().to_string_lossy()).parse().ok()?;
+            let m = e.metadata().ok()?;
+            Some((m.modified().ok()?, m.len(), d))
+        })
+        .collect()
+}

@@ -193,16 +193,7 @@ impl Origin {
         let Some(max) = self.cache_max else { return 0 };
         let dir = self.cache_dir.join("blobs");
         let mut blobs = self.blobs.lock().await;
-        let mut files: Vec<(std::time::SystemTime, u64, Digest)> = std::fs::read_dir(&dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| {
-                let d: Digest = format!("sha256:{}", e.file_name().to_string_lossy()).parse().ok()?;
-                let m = e.metadata().ok()?;
-                Some((m.modified().ok()?, m.len(), d))
-            })
-            .collect();
+        let mut files = crate::disk::list_blobs(&dir);
         let mut total: u64 = files.iter().map(|f| f.1).sum();
         files.sort();
         let mut freed = 0;

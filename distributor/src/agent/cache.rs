@@ -46,16 +46,7 @@ pub fn touch(f: &std::fs::File) {
 pub async fn evict(agent: &Arc<Agent>) -> u64 {
     let Some(max) = agent.opts.cache_max else { return 0 };
     let dir = agent.opts.data_dir.join("blobs");
-    let mut blobs: Vec<(SystemTime, u64, Digest)> = std::fs::read_dir(&dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let d: Digest = format!("sha256:{}", e.file_name().to_string_lossy()).parse().ok()?;
-            let m = e.metadata().ok()?;
-            Some((m.modified().ok()?, m.len(), d))
-        })
-        .collect();
+    let mut blobs = crate::disk::list_blobs(&dir);
     let mut total: u64 = blobs.iter().map(|b| b.1).sum();
     if total <= max {
         return 0;
