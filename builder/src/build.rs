@@ -126,7 +126,7 @@ fn build_layers(
     let results: Mutex<Vec<Option<Result<LayerOutcome, LayerError>>>> =
         Mutex::new((0..plans.len()).map(|_| None).collect());
     let failed = std::sync::atomic::AtomicBool::new(false);
-    let producers = opts.jobs.clamp(1, 8).min(plans.len().max(1));
+    let producers = (2 * opts.jobs).clamp(1, 8).min(plans.len().max(1));
     std::thread::scope(|s| {
         for _ in 0..producers {
             s.spawn(|| loop {

@@ -45,6 +45,9 @@ pub struct Engine {
     pub pool: rayon::ThreadPool,
     pub budget: Arc<Budget>,
     pub compression: Compression,
+    /// Segment buffers (each `3 × block_size` long) ready for reuse: their pages are
+    /// already mapped, so a new segment costs neither page faults nor a reallocation.
+    spare: Mutex<Vec<Vec<u8>>>,
 }
 
 impl Engine {
@@ -54,7 +57,29 @@ impl Engine {
             .thread_name(|i| format!("compress-{i}"))
             .build()
             .map_err(io::Error::other)?;
-        Ok(Arc::new(Engine { pool, budget: Budget::new(2 * jobs.max(1) + 2), compression }))
+        Ok(Arc::new(Engine {
+            pool,
+            budget: Budget::new(2 * jobs.max(1) + 2),
+            compression,
+            spare: Mutex::new(Vec::new()),
+        }))
+    }
+
+    fn segment_capacity(&self) -> usize {
+        3 * self.compression.block_size
+    }
+
+    fn take_buffer(&self) -> Vec<u8> {
+        let spare = self.spare.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        spare.unwrap_or_else(|| vec![0u8; self.segment_capacity()])
+    }
+
+    fn give_buffer(&self, buf: Vec<u8>) {
+        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+        // Keep what the budget can have in flight, plus one being filled per layer.
+        if buf.len() == self.segment_capacity() && spare.len() < 2 * self.pool.current_num_threads() + 4 {
+            spare.push(buf);
+        }
     }
 }
 
@@ -145,7 +170,17 @@ impl Reuse {
     }
 }
 
-type Item = (Arc<Vec<u8>>, Digest, Receiver<io::Result<(Vec<u8>, bool)>>);
+/// A segment on its way to the writer: its buffer (the first `len` bytes are the
+/// segment), key, and the compression result to wait for.
+type Item = (Arc<Vec<u8>>, usize, Digest, Receiver<io::Result<(Vec<u8>, bool)>>);
+
+/// What the writer thread produced: the compressed side of a [`Sealed`].
+struct Packed {
+    digest: Digest,
+    size: u64,
+    frames: Vec<Frame>,
+    reused: u64,
+}
 
 /// A `Write` sink that compresses into `out` in parallel.
 ///
@@ -157,10 +192,14 @@ type Item = (Arc<Vec<u8>>, Digest, Receiver<io::Result<(Vec<u8>, bool)>>);
 /// segment's key hashes the (path, offset, length) of each entry piece it holds.
 pub struct BlockSink {
     engine: Arc<Engine>,
+    /// The segment being filled: `block[..used]`; `block.len()` is the segment capacity.
     block: Vec<u8>,
+    used: usize,
     tx: Option<SyncSender<Item>>,
-    writer: Option<JoinHandle<io::Result<Sealed>>>,
+    writer: Option<JoinHandle<io::Result<Packed>>>,
     reuse: Option<Arc<Reuse>>,
+    /// The DiffID: every byte written, hashed as it arrives.
+    diff: Hasher,
     key: Hasher,
     path: String,
     entry_off: u64,
@@ -174,55 +213,54 @@ impl BlockSink {
 
     pub fn with_reuse(engine: Arc<Engine>, mut out: File, reuse: Option<Reuse>) -> Self {
         let (tx, rx) = sync_channel::<Item>(engine.budget_hint());
-        let budget = engine.budget.clone();
+        let eng = engine.clone();
         let writer = std::thread::Builder::new().name("layer-writer".into()).spawn(move || {
-            let mut raw = Hasher::new();
             let mut packed = Hasher::new();
             let mut frames = Vec::new();
             let mut reused = 0u64;
             let mut result = Ok(());
-            for (block, key, done) in rx {
-                raw.update(&block);
+            for (block, len, key, done) in rx {
                 let r = done.recv().unwrap_or_else(|_| Err(io::Error::other("compression task vanished")));
-                budget.release();
+                eng.budget.release();
+                // The compression task has let go of the buffer before answering.
+                if let Ok(buf) = Arc::try_unwrap(block) {
+                    eng.give_buffer(buf);
+                }
                 if result.is_err() {
                     continue;
                 }
                 result = r.and_then(|(c, was_reused)| {
                     packed.update(&c);
                     if was_reused {
-                        reused += block.len() as u64;
+                        reused += len as u64;
                     }
-                    frames.push(Frame { key, raw: block.len() as u64, packed: c.len() as u64 });
+                    frames.push(Frame { key, raw: len as u64, packed: c.len() as u64 });
                     out.write_all(&c)
                 });
             }
             result?;
             out.sync_data()?;
-            let (diff_id, uncompressed_size) = raw.finish();
             let (digest, size) = packed.finish();
-            Ok(Sealed { diff_id, uncompressed_size, digest, size, frames, reused })
+            Ok(Packed { digest, size, frames, reused })
         });
         let (tx, writer) = match writer {
             Ok(h) => (Some(tx), Some(h)),
             Err(_) => (None, None),
         };
-        let block = Vec::with_capacity(engine.compression.block_size);
+        let block = engine.take_buffer();
         BlockSink {
             engine,
             block,
+            used: 0,
             tx,
             writer,
             reuse: reuse.map(Arc::new),
+            diff: Hasher::new(),
             key: Hasher::new(),
             path: String::new(),
             entry_off: 0,
             piece_start: 0,
         }
-    }
-
-    fn max_segment(&self) -> usize {
-        3 * self.engine.compression.block_size
     }
 
     /// The next bytes written belong to the tar entry for `path`.
@@ -238,7 +276,7 @@ impl BlockSink {
     pub fn end_entry(&mut self) -> io::Result<()> {
         let avg = self.engine.compression.block_size as u64;
         let min = avg / 4;
-        if (self.block.len() as u64) < min {
+        if (self.used as u64) < min {
             return Ok(());
         }
         // FNV-1a: stable across builds and machines, which is all a cut rule needs.
@@ -263,11 +301,11 @@ impl BlockSink {
     fn dispatch(&mut self) -> io::Result<()> {
         self.close_piece();
         let key = std::mem::replace(&mut self.key, Hasher::new()).finish().0;
-        if self.block.is_empty() {
+        if self.used == 0 {
             return Ok(());
         }
-        let cap = self.engine.compression.block_size;
-        let block = Arc::new(std::mem::replace(&mut self.block, Vec::with_capacity(cap)));
+        let len = std::mem::take(&mut self.used);
+        let block = Arc::new(std::mem::replace(&mut self.block, self.engine.take_buffer()));
         self.engine.budget.acquire();
         let (done_tx, done_rx) = sync_channel(1);
         let b = block.clone();
@@ -275,23 +313,49 @@ impl BlockSink {
         let reuse = self.reuse.clone();
         let k = key.clone();
         self.engine.pool.spawn(move || {
-            let r = match reuse.as_ref().and_then(|r| r.frame_for(&k, &b)) {
+            let seg = &b[..len];
+            let r = match reuse.as_ref().and_then(|r| r.frame_for(&k, seg)) {
                 Some(frame) => Ok((frame, true)),
-                None => compress_block(&c, &b).map(|f| (f, false)),
+                None => compress_block(&c, seg).map(|f| (f, false)),
             };
+            // Let go of the buffer first, so the writer can hand it to the next segment.
+            drop(b);
             let _ = done_tx.send(r);
         });
         let Some(tx) = &self.tx else { return Err(io::Error::other("layer writer thread could not start")) };
-        tx.send((block, key, done_rx)).map_err(|_| io::Error::other("layer writer stopped"))
+        tx.send((block, len, key, done_rx)).map_err(|_| io::Error::other("layer writer stopped"))
     }
 
     pub fn finish(mut self) -> io::Result<Sealed> {
         self.dispatch()?;
         drop(self.tx.take());
-        match self.writer.take() {
-            Some(h) => h.join().map_err(|_| io::Error::other("layer writer panicked"))?,
-            None => Err(io::Error::other("layer writer thread could not start")),
+        let p = match self.writer.take() {
+            Some(h) => h.join().map_err(|_| io::Error::other("layer writer panicked"))??,
+            None => return Err(io::Error::other("layer writer thread could not start")),
+        };
+        let (diff_id, uncompressed_size) = std::mem::take(&mut self.diff).finish();
+        Ok(Sealed { diff_id, uncompressed_size, digest: p.digest, size: p.size, frames: p.frames, reused: p.reused })
+    }
+
+    /// Append to the current segment (already hashed), cutting it when it is full.
+    fn append(&mut self, mut buf: &[u8]) -> io::Result<()> {
+        while !buf.is_empty() {
+            let n = (self.block.len() - self.used).min(buf.len());
+            self.block[self.used..self.used + n].copy_from_slice(&buf[..n]);
+            self.advance(n)?;
+            buf = &buf[n..];
         }
+        Ok(())
+    }
+
+    /// `n` more bytes of the segment buffer are filled; cut when it is full.
+    fn advance(&mut self, n: usize) -> io::Result<()> {
+        self.used += n;
+        self.entry_off += n as u64;
+        if self.used == self.block.len() {
+            self.dispatch()?;
+        }
+        Ok(())
     }
 }
 
@@ -302,28 +366,35 @@ impl Engine {
 }
 
 impl Write for BlockSink {
-    fn write(&mut self, mut buf: &[u8]) -> io::Result<usize> {
-        let total = buf.len();
-        let cap = self.max_segment();
-        while !buf.is_empty() {
-            let room = cap - self.block.len();
-            let n = room.min(buf.len());
-            self.block.extend_from_slice(&buf[..n]);
-            self.entry_off += n as u64;
-            buf = &buf[n..];
-            if self.block.len() == cap {
-                self.dispatch()?;
-            }
-        }
-        Ok(total)
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.diff.update(buf);
+        self.append(buf)?;
+        Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
 }
 
+impl crate::tarball::Sink for BlockSink {
+    /// Read straight into the segment buffer, and hash the bytes for the DiffID and the
+    /// file's content in one pass.
+    fn copy_content(&mut self, r: &mut dyn Read, max: usize, content: Option<&mut Hasher>) -> io::Result<usize> {
+        let n = max.min(self.block.len() - self.used);
+        let n = r.read(&mut self.block[self.used..self.used + n])?;
+        let got = &self.block[self.used..self.used + n];
+        match content {
+            Some(h) => Hasher::update_both(h, &mut self.diff, got),
+            None => self.diff.update(got),
+        }
+        self.advance(n)?;
+        Ok(n)
+    }
+}
+
 impl Drop for BlockSink {
     fn drop(&mut self) {
+        self.engine.give_buffer(std::mem::take(&mut self.block));
         drop(self.tx.take());
         if let Some(h) = self.writer.take() {
             let _ = h.join();

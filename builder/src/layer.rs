@@ -370,7 +370,8 @@ impl LayerBuilder<'_> {
                         path: src.clone(),
                         source,
                     })?;
-                    let still = after.mtime() * 1_000_000_000 + after.mtime_nsec() == entry.stat.mtime_ns
+                    let still = after.len() == entry.stat.size
+                        && after.mtime() * 1_000_000_000 + after.mtime_nsec() == entry.stat.mtime_ns
                         && after.ctime() * 1_000_000_000 + after.ctime_nsec() == entry.stat.ctime_ns;
                     let d = match (got, known) {
                         (Some(d), Some(k)) if &d != k => {

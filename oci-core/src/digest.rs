@@ -101,8 +101,7 @@ impl<'de> serde::Deserialize<'de> for Digest {
 /// Incremental sha256 plus a byte count.
 #[derive(Clone, Default)]
 pub struct Hasher {
-    inner: Sha256,
-    len: u64,
+    inner: crate::sha256::Sha256,
 }
 
 impl Hasher {
@@ -111,16 +110,21 @@ impl Hasher {
     }
     pub fn update(&mut self, bytes: &[u8]) {
         self.inner.update(bytes);
-        self.len += bytes.len() as u64;
+    }
+    /// Hash the same bytes into two hashers in one pass (see [`crate::sha256`]): e.g. a
+    /// file's content hasher and the hasher of the tar stream that carries it.
+    pub fn update_both(a: &mut Hasher, b: &mut Hasher, bytes: &[u8]) {
+        crate::sha256::update_both(&mut a.inner, &mut b.inner, bytes);
     }
     pub fn len(&self) -> u64 {
-        self.len
+        self.inner.len()
     }
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.inner.is_empty()
     }
     pub fn finish(self) -> (Digest, u64) {
-        (Digest::from_sha256(self.inner.finalize().into()), self.len)
+        let len = self.inner.len();
+        (Digest::from_sha256(self.inner.finalize()), len)
     }
 }
 

@@ -11,6 +11,7 @@ pub mod layout;
 pub mod media;
 pub mod reference;
 pub mod registry;
+pub mod sha256;
 pub mod store;
 pub mod testing;
 
