@@ -357,7 +357,14 @@ impl LayerBuilder<'_> {
                 Item::Symlink { path, target } => w.symlink(path, target).map_err(tar_err)?,
                 Item::File { path, mode, entry } => {
                     let src = plan.source.join(&entry.rel);
-                    let f = open_checked(slot, &src, entry)?;
+                    // Checked once, after the copy (type, inode, size, times): one `fstat`
+                    // per file instead of two. Non-blocking, so a FIFO swapped in for the file
+                    // cannot stall the build before the check refuses it.
+                    let f = OpenOptions::new()
+                        .read(true)
+                        .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_NONBLOCK)
+                        .open(&src)
+                        .map_err(|source| LayerError::Read { slot: slot.to_string(), path: src.clone(), source })?;
                     // A file hashed moments ago (or vouched for by its lstat) is not hashed
                     // again unless it is racy; its lstat after the copy proves it unchanged.
                     let known = hashes.get(entry.rel.as_str()).filter(|_| !racy(entry, started_ns));
@@ -370,7 +377,9 @@ impl LayerBuilder<'_> {
                         path: src.clone(),
                         source,
                     })?;
-                    let still = after.len() == entry.stat.size
+                    let still = after.is_file()
+                        && after.ino() == entry.stat.ino
+                        && after.len() == entry.stat.size
                         && after.mtime() * 1_000_000_000 + after.mtime_nsec() == entry.stat.mtime_ns
                         && after.ctime() * 1_000_000_000 + after.ctime_nsec() == entry.stat.ctime_ns;
                     let d = match (got, known) {

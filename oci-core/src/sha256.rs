@@ -89,14 +89,25 @@ impl Sha256 {
     }
 }
 
-/// Feed the same bytes to two states. When both stand at a block boundary (the common
-/// case: see the module documentation) the whole blocks are hashed in one interleaved
-/// pass; otherwise each state takes the bytes on its own.
-pub fn update_both(a: &mut Sha256, b: &mut Sha256, data: &[u8]) {
-    if a.buffered != 0 || b.buffered != 0 {
+/// Feed the same bytes to two states. When both stand at the same point of a block (the
+/// common case: see the module documentation) the whole blocks are hashed in one
+/// interleaved pass; otherwise each state takes the bytes on its own.
+pub fn update_both(a: &mut Sha256, b: &mut Sha256, mut data: &[u8]) {
+    if a.buffered != b.buffered || a.buf[..a.buffered] != b.buf[..b.buffered] {
         a.update(data);
         b.update(data);
         return;
+    }
+    // Both hold the same partial block (e.g. a read that ended mid-block): complete it
+    // for both, then go on in step.
+    if a.buffered > 0 {
+        let n = (64 - a.buffered).min(data.len());
+        a.update(&data[..n]);
+        b.update(&data[..n]);
+        data = &data[n..];
+        if a.buffered != 0 {
+            return;
+        }
     }
     let whole = data.len() & !63;
     compress2(&mut a.state, &mut b.state, &data[..whole]);

@@ -1,16 +1,20 @@
 //! A layer blob as a verified, decompressed byte stream.
 //!
 //! A producer thread reads the local blob file, hashes the compressed bytes (digest and
-//! size against the manifest), decompresses (gzip members or zstd frames, concatenated),
-//! hashes the result (DiffID against the config) and bounds it (size and ratio), handing
-//! 256 KiB chunks to the consumer through a small bounded channel (so the two cores work
-//! in a pipeline and memory stays at a few MiB). The consumer parses tar from
-//! [`LayerStream`] and must call [`LayerStream::finish`], which reads everything after the
-//! end-of-archive marker to EOF and returns the verification result: a layer is verified
-//! only once `finish` says so.
+//! size against the manifest), decompresses (gzip members or zstd frames, concatenated)
+//! and bounds the result (size and ratio), handing 256 KiB chunks to the consumer through
+//! a small bounded channel (so the two cores work in a pipeline and memory stays at a few
+//! MiB). The consumer parses tar from [`LayerStream`], which hashes every byte it hands out
+//! (the DiffID); file content read through [`LayerStream::read_content`] is hashed for the
+//! DiffID and for the file in one pass (`oci_core::sha256::update_both`: content starts
+//! at a 512-byte boundary of the stream). The consumer must call [`LayerStream::finish`],
+//! which reads everything after the end-of-archive marker to EOF and returns the
+//! verification result (digest, size, DiffID): a layer is verified only once `finish` says
+//! so.
 
 use oci_core::digest::Hasher;
 use oci_core::media::LayerCompression;
+use oci_core::sha256::Sha256;
 use oci_core::Digest;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
@@ -131,7 +135,6 @@ fn produce(
     compression: LayerCompression,
     digest: &Digest,
     size: u64,
-    diff_id: &Digest,
     limit: u64,
     tx: &std::sync::mpsc::SyncSender<io::Result<Vec<u8>>>,
 ) -> Result<Verified, StreamError> {
@@ -144,7 +147,7 @@ fn produce(
             Decoder::Zstd(zstd::stream::read::Decoder::with_buffer(inner).map_err(StreamError::Decode)?)
         }
     };
-    let mut h = Hasher::new();
+    let mut uncompressed = 0u64;
     let lift = |e: io::Error| match e.into_inner() {
         Some(b) => match b.downcast::<StreamError>() {
             Ok(se) => *se,
@@ -167,8 +170,8 @@ fn produce(
             break;
         }
         chunk.truncate(filled);
-        h.update(&chunk);
-        if h.len() > limit {
+        uncompressed += filled as u64;
+        if uncompressed > limit {
             return Err(StreamError::Bomb { limit });
         }
         if tx.send(Ok(chunk)).is_err() {
@@ -187,10 +190,6 @@ fn produce(
     if &actual != digest {
         return Err(StreamError::Digest { actual });
     }
-    let (actual_diff, uncompressed) = h.finish();
-    if &actual_diff != diff_id {
-        return Err(StreamError::DiffId { expected: diff_id.clone(), actual: actual_diff });
-    }
     Ok(Verified { compressed: n, uncompressed })
 }
 
@@ -201,6 +200,9 @@ pub struct LayerStream {
     pos: usize,
     failed: bool,
     handle: Option<JoinHandle<Result<Verified, StreamError>>>,
+    /// Every byte handed out so far, hashed: checked against `diff_id` by `finish`.
+    diff: Sha256,
+    diff_id: Digest,
 }
 
 /// What a layer is expected to be.
@@ -220,14 +222,22 @@ impl LayerStream {
         let e = expect.clone();
         let limit = limits.bound(expect.size);
         let handle = std::thread::Builder::new().name("layer-reader".into()).spawn(move || {
-            let r = produce(file, e.compression, &e.digest, e.size, &e.diff_id, limit, &tx);
+            let r = produce(file, e.compression, &e.digest, e.size, limit, &tx);
             if let Err(err) = &r {
                 // Tell the consumer why the stream stops; it may be blocked in read().
                 let _ = tx.send(Err(io::Error::other(err.to_string())));
             }
             r
         })?;
-        Ok(LayerStream { rx: Some(rx), cur: Vec::new(), pos: 0, failed: false, handle: Some(handle) })
+        Ok(LayerStream {
+            rx: Some(rx),
+            cur: Vec::new(),
+            pos: 0,
+            failed: false,
+            handle: Some(handle),
+            diff: Sha256::new(),
+            diff_id: expect.diff_id.clone(),
+        })
     }
 
     /// Read everything left to EOF and return the verification result.
@@ -241,24 +251,27 @@ impl LayerStream {
             }
         }
         self.rx = None;
-        match self.handle.take().map(JoinHandle::join) {
-            Some(Ok(r)) => r,
-            _ => Err(StreamError::Thread),
+        let verified = match self.handle.take().map(JoinHandle::join) {
+            Some(Ok(r)) => r?,
+            _ => return Err(StreamError::Thread),
+        };
+        let actual = Digest::from_sha256(std::mem::take(&mut self.diff).finalize());
+        if actual != self.diff_id {
+            return Err(StreamError::DiffId { expected: self.diff_id.clone(), actual });
         }
+        Ok(verified)
     }
 
-    /// The producer's own error, once the stream has failed.
-    pub fn failure(mut self) -> Option<StreamError> {
-        self.rx = None;
-        match self.handle.take().map(JoinHandle::join) {
-            Some(Ok(Err(e))) => Some(e),
-            _ => None,
-        }
+    /// Read file content: like `read`, and the bytes are hashed into `content` too, in
+    /// the same pass as the DiffID.
+    pub fn read_content(&mut self, buf: &mut [u8], content: &mut Sha256) -> io::Result<usize> {
+        let n = self.take(buf)?;
+        oci_core::sha256::update_both(content, &mut self.diff, &buf[..n]);
+        Ok(n)
     }
-}
 
-impl Read for LayerStream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+    /// Copy the next bytes of the stream into `buf`, unhashed.
+    fn take(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.pos == self.cur.len() {
             if self.failed {
                 return Err(io::Error::other("layer stream failed"));
@@ -279,6 +292,23 @@ impl Read for LayerStream {
         let n = buf.len().min(self.cur.len() - self.pos);
         buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
         self.pos += n;
+        Ok(n)
+    }
+
+    /// The producer's own error, once the stream has failed.
+    pub fn failure(mut self) -> Option<StreamError> {
+        self.rx = None;
+        match self.handle.take().map(JoinHandle::join) {
+            Some(Ok(Err(e))) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl Read for LayerStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.take(buf)?;
+        self.diff.update(&buf[..n]);
         Ok(n)
     }
 }

@@ -10,7 +10,6 @@ use crate::error::{Error, Refusal, Result};
 use crate::image::LayerRef;
 use crate::index::{classify, EntryKind, IndexEntry, LayerIndex, Sha};
 use crate::tar::{TarError, TarReader};
-use sha2::{Digest as _, Sha256};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::Path;
@@ -94,18 +93,19 @@ fn entries(job: &Job<'_>, tar: &mut TarReader<LayerStream>, extract: &mut dyn Ex
         let seq = u32::try_from(out.len()).unwrap_or(u32::MAX);
         if matches!(e.kind, EntryKind::File { .. }) {
             let mut file = extract.open(seq, &e)?;
-            let mut hasher = Sha256::new();
+            let mut hasher = oci_core::sha256::Sha256::new();
             loop {
-                let n = tar.read(&mut buf).map_err(|err| tar_err(TarError::Io(err)))?;
+                let n = tar
+                    .read_with(&mut buf, |s, b| s.read_content(b, &mut hasher))
+                    .map_err(|err| tar_err(TarError::Io(err)))?;
                 if n == 0 {
                     break;
                 }
-                hasher.update(&buf[..n]);
                 if let Some(f) = file.as_mut() {
                     f.write_all(&buf[..n]).map_err(Error::io(&e.path, "cannot write extracted file"))?;
                 }
             }
-            let digest: Sha = hasher.finalize().into();
+            let digest: Sha = hasher.finalize();
             if let EntryKind::File { sha256, .. } = &mut e.kind {
                 *sha256 = digest;
             }

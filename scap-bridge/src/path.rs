@@ -107,8 +107,23 @@ pub fn within(p: &str, root: &str) -> bool {
 /// Paths compared as if `/` were the smallest byte: a directory sorts immediately before
 /// all of its descendants, which form one contiguous range.
 pub fn cmp(a: &str, b: &str) -> Ordering {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let n = a.len().min(b.len());
+    // Equal bytes map to equal bytes, so only the first difference matters. Skip the
+    // common prefix (long in a tree: `srv/mediawiki/php-…/extensions/…`) 16 bytes at a
+    // time, then compare the first differing bytes with '/' sorting first.
+    let mut i = 0;
+    while i + 16 <= n && a[i..i + 16] == b[i..i + 16] {
+        i += 16;
+    }
+    while i < n && a[i] == b[i] {
+        i += 1;
+    }
     let map = |c: u8| if c == b'/' { 0 } else { c };
-    a.bytes().map(map).cmp(b.bytes().map(map))
+    match (a.get(i), b.get(i)) {
+        (Some(&x), Some(&y)) => map(x).cmp(&map(y)),
+        _ => a.len().cmp(&b.len()),
+    }
 }
 
 /// A relative path ordered by [`cmp`].
@@ -195,5 +210,30 @@ mod tests {
         assert!(PathKey::new("a/zzz") < PathKey::descendants_end("a"));
         assert!(PathKey::descendants_end("a") < PathKey::new("a-"));
         assert!(within("a/b", "a") && within("a", "a") && !within("ab", "a") && within("x", ""));
+    }
+
+    #[test]
+    fn order_equals_the_bytewise_order_with_slash_first() {
+        // Long shared prefixes and differences at every position, against the definition.
+        let reference = |a: &str, b: &str| {
+            let map = |c: u8| if c == b'/' { 0 } else { c };
+            a.bytes().map(map).cmp(b.bytes().map(map))
+        };
+        let alphabet = ["a", "/", "-", ".", "z", "é"];
+        let mut seed = 7u64;
+        let mut word = |len: usize| {
+            let mut w = String::from("srv/mediawiki/php-1.43.0-wmf.5/");
+            for _ in 0..len {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                w.push_str(alphabet[(seed >> 33) as usize % alphabet.len()]);
+            }
+            w
+        };
+        let words: Vec<String> = (0..300).map(|i| word(i % 40)).collect();
+        for a in &words {
+            for b in words.iter().take(60) {
+                assert_eq!(cmp(a, b), reference(a, b), "{a:?} vs {b:?}");
+            }
+        }
     }
 }

@@ -378,21 +378,33 @@ fn pad(size: u64) -> u64 {
     (BLOCK as u64 - size % BLOCK as u64) % BLOCK as u64
 }
 
-impl<R: Read> Read for TarReader<R> {
-    /// Reads the current entry's content; 0 at its end. A stream that ends inside the
-    /// content is an error.
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+impl<R: Read> TarReader<R> {
+    /// Like `read`, with `f` reading from the underlying stream (e.g. to hash the content
+    /// on its way).
+    pub fn read_with(
+        &mut self,
+        buf: &mut [u8],
+        f: impl FnOnce(&mut R, &mut [u8]) -> io::Result<usize>,
+    ) -> io::Result<usize> {
         if self.remaining == 0 || buf.is_empty() {
             return Ok(0);
         }
         let k = buf.len().min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
-        let n = self.r.read(&mut buf[..k])?;
+        let n = f(&mut self.r, &mut buf[..k])?;
         if n == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "tar entry content ends early"));
         }
         self.remaining -= n as u64;
         self.offset += n as u64;
         Ok(n)
+    }
+}
+
+impl<R: Read> Read for TarReader<R> {
+    /// Reads the current entry's content; 0 at its end. A stream that ends inside the
+    /// content is an error.
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read_with(buf, |r, b| r.read(b))
     }
 }
 
