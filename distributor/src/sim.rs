@@ -266,6 +266,10 @@ impl Sim {
             self.now = t;
             self.fire(id);
             self.settle();
+            #[cfg(test)]
+            if self.done.len() <= 64 {
+                self.assert_idle();
+            }
             if self.heap.len() > 4 * self.live + 4096 {
                 let xfers = &self.xfers;
                 self.heap.retain(|Reverse((_, id, ver))| xfers[*id].live && xfers[*id].ver == *ver);
@@ -286,17 +290,6 @@ impl Sim {
                     }
                 }
             }
-            if !self.wake.is_empty() {
-                let mut batch = std::mem::take(&mut self.wake);
-                batch.shuffle(&mut self.rng);
-                for &k in &batch {
-                    self.woken[k] = false;
-                }
-                for k in batch {
-                    self.plan(k);
-                }
-                continue;
-            }
             if self.origin_up < ORIGIN_SLOTS && self.unserved > 0 && !rotated {
                 rotated = true;
                 let n = self.done.len();
@@ -309,9 +302,47 @@ impl Sim {
                 }
                 continue;
             }
+            if !self.wake.is_empty() {
+                let mut batch = std::mem::take(&mut self.wake);
+                batch.shuffle(&mut self.rng);
+                for &k in &batch {
+                    self.woken[k] = false;
+                }
+                for k in batch {
+                    self.plan(k);
+                }
+                continue;
+            }
             break;
         }
         self.rerate();
+    }
+
+    /// Every node that is not done has nothing to request (nobody was left unplanned).
+    #[cfg(test)]
+    fn assert_idle(&self) {
+        for k in 0..self.done.len() {
+            if !self.done[k].is_nan() {
+                continue;
+            }
+            let views: Vec<PeerView> = self.samples[k]
+                .iter()
+                .zip(&self.views[k])
+                .filter(|(&j, _)| self.uploads[j] < UPLOAD_SLOTS)
+                .map(|(_, v)| v.clone())
+                .collect();
+            for (&j, v) in self.samples[k].iter().zip(&self.views[k]) {
+                assert_eq!(v.have, self.have[j], "view of {j} at {k}");
+            }
+            let origin_inflight = if self.unserved == 0 || self.origin_up >= ORIGIN_SLOTS {
+                self.limits.origin_slots
+            } else {
+                self.to_origin[k]
+            };
+            let v = engine::View { have: &self.have[k], pending: &self.pending[k], peers: &views, origin_inflight };
+            let pick = engine::next(&v, &self.limits, self.salts[k]);
+            assert_eq!(pick, None, "node {k} at {} left with a request", self.now);
+        }
     }
 
     fn wake(&mut self, k: usize) {
@@ -368,16 +399,42 @@ impl Sim {
             }
             let (a, b) = (j * self.words, k * self.words);
             let useful = (0..self.words).any(|w| self.have_w[a + w] & self.want_w[b + w] != 0)
-                || (self.unreq[k] == 0 && (0..self.np).any(|p| self.have_w[a + p / 64] & (1 << (p % 64)) != 0 && self.wants(k, p)));
+                || (self.unreq[k] == 0
+                    && (0..self.np).any(|p| self.have_w[a + p / 64] & (1 << (p % 64)) != 0 && self.wants(k, p)));
             if useful && self.has_room(k) {
                 self.wake(k);
             }
         }
     }
 
+    /// Whether [`engine::next_with`] may have a request for `k`: the origin is free for
+    /// it, or a peer it knows that is neither busy nor at [`Limits::per_peer`] requests
+    /// from it has a piece it wants, and it has room for more (a cheap test that spares
+    /// most plans that would find nothing).
+    fn may_pick(&self, k: usize) -> bool {
+        if self.unserved > 0 && self.origin_up < ORIGIN_SLOTS && self.to_origin[k] < self.limits.origin_slots {
+            return true;
+        }
+        if !self.has_room(k) {
+            return false;
+        }
+        if self.unreq[k] == 0 {
+            return true;
+        }
+        let want = &self.want_w[k * self.words..(k + 1) * self.words];
+        self.samples[k].iter().zip(&self.views[k]).any(|(&j, v)| {
+            self.uploads[j] < UPLOAD_SLOTS
+                && v.inflight < self.limits.per_peer
+                && self.have_w[j * self.words..(j + 1) * self.words].iter().zip(want).any(|(h, w)| h & w != 0)
+        })
+    }
+
     /// Ask [`engine::next_with`] for requests until it has none.
     fn plan(&mut self, k: usize) {
         if !self.done[k].is_nan() {
+            return;
+        }
+        if !self.may_pick(k) {
             return;
         }
         self.plans += 1;
@@ -702,6 +759,19 @@ mod tests {
         let max = report::quantile(&times, 1.0);
         assert!(max < 2.0 * lb.t, "max {max} vs T_LB {}", lb.t);
         assert!((1.0..1.2).contains(&egress), "{egress}");
+    }
+
+    #[test]
+    fn planning_leaves_no_node_with_a_request() {
+        // `Sim::run` checks after every event that no node could request anything.
+        for (nodes, size, seed) in
+            [(64, 2 << 20, 1), (40, 4 << 20, 2), (12, 1 << 20, 3), (2, 1 << 20, 4), (1, 1 << 20, 5)]
+        {
+            let a = SimArgs { nodes, blob_size: size, rate: 4 << 20, seed };
+            let (times, _, egress) = simulate(&a);
+            assert_eq!(times.len(), nodes);
+            assert!((1.0..1.2).contains(&egress), "{egress}");
+        }
     }
 
     #[test]
