@@ -611,7 +611,6 @@ impl Sim {
             if !self.xfers[id].live || !self.xfers[id].dirty {
                 continue;
             }
-            self.advance(id);
             let x = &self.xfers[id];
             let up = match x.src {
                 _ if x.out => 0.0,
@@ -623,6 +622,12 @@ impl Sim {
                 _ if self.to_origin[x.dst] > 0 => 0.0,
                 _ => self.b / self.peer_down[x.dst].max(1) as f64,
             };
+            if up == x.up && down == x.down {
+                // Same rates, same schedule: the queued event stands.
+                self.xfers[id].dirty = false;
+                continue;
+            }
+            self.advance(id);
             let x = &mut self.xfers[id];
             x.dirty = false;
             x.up = up;
@@ -667,6 +672,8 @@ impl Sim {
         }
         let x = &mut self.xfers[id];
         if !x.out || now < x.read_at {
+            // Its event is spent: reschedule it whatever its rates.
+            x.up = f64::NAN;
             self.mark(id);
             return;
         }
