@@ -27,9 +27,14 @@
 //!   requests with them, as in the agent);
 //! * the origin became free: nodes in a random order plan until one takes it.
 //!
-//! Nodes woken at the same instant plan in a random order (the origin and the peers serve
-//! whoever asks first, and real requests arrive in no fixed order). Availability is
-//! counted once per plan, as the agent does. One change from the time-stepped loop this
+//! A freed origin is offered first (nodes in a random rotation, as the loop did), then the
+//! nodes woken at the same instant plan in a random order (the origin and the peers serve
+//! whoever asks first, and real requests arrive in no fixed order). A woken node first
+//! passes a cheap test of what [`engine::next_with`] needs for a pick (see
+//! `Sim::may_pick`); in tests, every event is followed by a check that no node is left
+//! with a request. Each node keeps its own copies of its peers' bitfields, updated when
+//! a peer completes a piece, so a plan clones none. Availability is counted once per
+//! plan, as the agent does. One change from the time-stepped loop this
 //! replaces: when the origin has nothing for a node (it sends each piece once, so this
 //! happens once every piece is out), the node leaves it alone for the rest of its plan
 //! and goes on with its peer requests (the agent's quiet period) instead of ending its
