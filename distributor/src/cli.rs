@@ -32,7 +32,7 @@ pub enum Command {
     Unpin(PinArgs),
     /// A tracker alone, shared by several origins (`mwdist origin --tracker`).
     Tracker(TrackerArgs),
-    /// Discrete-time simulation of 1,000–10,000 nodes with the agent's selection code.
+    /// Discrete-event simulation of 1,000–10,000 nodes with the agent's selection code.
     Simulate(crate::sim::SimArgs),
 }
 
