@@ -219,24 +219,29 @@ mod ni {
             None => (a0, a1),
         };
         for block in blocks.chunks_exact(64) {
-            let mut w = [_mm_setzero_si128(); 16];
-            for (i, v) in w.iter_mut().take(4).enumerate() {
+            // The message schedule is computed four words ahead of the rounds that use it,
+            // in four registers, and shared by both states.
+            let mut m = [_mm_setzero_si128(); 4];
+            for (i, v) in m.iter_mut().enumerate() {
                 // SAFETY: `block` is 64 bytes long, so bytes 16·i..16·i+16 (i < 4) are in it;
                 // the load is unaligned.
-                let m = unsafe { _mm_loadu_si128(block.as_ptr().add(16 * i).cast()) };
-                *v = _mm_shuffle_epi8(m, swap);
-            }
-            for i in 4..16 {
-                let t = _mm_add_epi32(_mm_sha256msg1_epu32(w[i - 4], w[i - 3]), _mm_alignr_epi8(w[i - 1], w[i - 2], 4));
-                w[i] = _mm_sha256msg2_epu32(t, w[i - 1]);
+                let x = unsafe { _mm_loadu_si128(block.as_ptr().add(16 * i).cast()) };
+                *v = _mm_shuffle_epi8(x, swap);
             }
             let (sa0, sa1, sb0, sb1) = (a0, a1, b0, b1);
             for i in 0..16 {
-                let wk = _mm_add_epi32(w[i], k[i]);
+                let wk = _mm_add_epi32(m[i % 4], k[i]);
                 let wk_hi = _mm_shuffle_epi32(wk, 0x0E);
                 a1 = _mm_sha256rnds2_epu32(a1, a0, wk);
                 if two {
                     b1 = _mm_sha256rnds2_epu32(b1, b0, wk);
+                }
+                if i < 12 {
+                    let t = _mm_add_epi32(
+                        _mm_sha256msg1_epu32(m[i % 4], m[(i + 1) % 4]),
+                        _mm_alignr_epi8(m[(i + 3) % 4], m[(i + 2) % 4], 4),
+                    );
+                    m[i % 4] = _mm_sha256msg2_epu32(t, m[(i + 3) % 4]);
                 }
                 a0 = _mm_sha256rnds2_epu32(a0, a1, wk_hi);
                 if two {
