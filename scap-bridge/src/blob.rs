@@ -108,7 +108,7 @@ impl<R: Read> Read for Counting<R> {
 
 enum Decoder<R: BufRead> {
     Plain(R),
-    Gzip(flate2::bufread::MultiGzDecoder<R>),
+    Gzip(Box<flate2::bufread::MultiGzDecoder<R>>),
     Zstd(zstd::stream::read::Decoder<'static, R>),
 }
 
@@ -124,7 +124,7 @@ impl<R: BufRead> Decoder<R> {
     fn into_inner(self) -> R {
         match self {
             Decoder::Plain(r) => r,
-            Decoder::Gzip(d) => d.into_inner(),
+            Decoder::Gzip(d) => (*d).into_inner(),
             Decoder::Zstd(d) => d.finish(),
         }
     }
@@ -142,7 +142,7 @@ fn produce(
     let inner = BufReader::with_capacity(CHUNK, counting);
     let mut dec = match compression {
         LayerCompression::None => Decoder::Plain(inner),
-        LayerCompression::Gzip => Decoder::Gzip(flate2::bufread::MultiGzDecoder::new(inner)),
+        LayerCompression::Gzip => Decoder::Gzip(Box::new(flate2::bufread::MultiGzDecoder::new(inner))),
         LayerCompression::Zstd => {
             Decoder::Zstd(zstd::stream::read::Decoder::with_buffer(inner).map_err(StreamError::Decode)?)
         }
