@@ -48,6 +48,8 @@ pub struct Engine {
     /// Segment buffers (each `3 × block_size` long) ready for reuse: their pages are
     /// already mapped, so a new segment costs neither page faults nor a reallocation.
     spare: Mutex<Vec<Vec<u8>>>,
+    /// Compressed-output buffers ready for reuse, for the same reason.
+    spare_out: Mutex<Vec<Vec<u8>>>,
 }
 
 impl Engine {
@@ -62,6 +64,7 @@ impl Engine {
             budget: Budget::new(2 * jobs.max(1) + 2),
             compression,
             spare: Mutex::new(Vec::new()),
+            spare_out: Mutex::new(Vec::new()),
         }))
     }
 
@@ -74,6 +77,17 @@ impl Engine {
         spare.unwrap_or_else(|| vec![0u8; self.segment_capacity()])
     }
 
+    fn take_out(&self) -> Vec<u8> {
+        self.spare_out.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default()
+    }
+
+    fn give_out(&self, buf: Vec<u8>) {
+        let mut spare = self.spare_out.lock().unwrap_or_else(|p| p.into_inner());
+        if spare.len() < 2 * self.pool.current_num_threads() + 4 {
+            spare.push(buf);
+        }
+    }
+
     fn give_buffer(&self, buf: Vec<u8>) {
         let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
         // Keep what the budget can have in flight, plus one being filled per layer.
@@ -83,7 +97,9 @@ impl Engine {
     }
 }
 
-pub fn compress_block(c: &Compression, block: &[u8]) -> io::Result<Vec<u8>> {
+/// Compress `block` into `out` (cleared first; a reused buffer keeps its pages mapped).
+pub fn compress_block_into(c: &Compression, block: &[u8], mut out: Vec<u8>) -> io::Result<Vec<u8>> {
+    out.clear();
     match c.algorithm {
         Algorithm::Zstd => {
             thread_local! {
@@ -95,7 +111,11 @@ pub fn compress_block(c: &Compression, block: &[u8]) -> io::Result<Vec<u8>> {
                     *slot = Some((c.level, zstd::bulk::Compressor::new(c.level)?));
                 }
                 match slot.as_mut() {
-                    Some((_, z)) => z.compress(block),
+                    Some((_, z)) => {
+                        out.reserve(zstd::zstd_safe::compress_bound(block.len()));
+                        z.compress_to_buffer(block, &mut out)?;
+                        Ok(out)
+                    }
                     None => Err(io::Error::other("zstd context missing")),
                 }
             })
@@ -104,7 +124,7 @@ pub fn compress_block(c: &Compression, block: &[u8]) -> io::Result<Vec<u8>> {
             let mut e = flate2::GzBuilder::new()
                 .mtime(0)
                 .operating_system(255)
-                .write(Vec::with_capacity(block.len() / 2), flate2::Compression::new(c.level as u32));
+                .write(out, flate2::Compression::new(c.level as u32));
             e.write_all(block)?;
             e.finish()
         }
@@ -235,7 +255,9 @@ impl BlockSink {
                         reused += len as u64;
                     }
                     frames.push(Frame { key, raw: len as u64, packed: c.len() as u64 });
-                    out.write_all(&c)
+                    let w = out.write_all(&c);
+                    eng.give_out(c);
+                    w
                 });
             }
             result?;
@@ -312,11 +334,12 @@ impl BlockSink {
         let c = self.engine.compression.clone();
         let reuse = self.reuse.clone();
         let k = key.clone();
+        let eng = self.engine.clone();
         self.engine.pool.spawn(move || {
             let seg = &b[..len];
             let r = match reuse.as_ref().and_then(|r| r.frame_for(&k, seg)) {
                 Some(frame) => Ok((frame, true)),
-                None => compress_block(&c, seg).map(|f| (f, false)),
+                None => compress_block_into(&c, seg, eng.take_out()).map(|f| (f, false)),
             };
             // Let go of the buffer first, so the writer can hand it to the next segment.
             drop(b);
