@@ -189,6 +189,8 @@ fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar {
 
 pub async fn build(spec: &Spec, opts: &BuildOptions) -> Result<Report, BuildError> {
     let t0 = Instant::now();
+    // Held for the whole build, so that `mwbuild prune` never removes what it publishes.
+    let _cache_lock = Cache::open(&opts.cache_dir)?.lock_shared()?;
     let base = load_base(&spec.base, &spec.platform, &opts.registry).await?;
     let out = Store::open(&opts.output, &opts.registry, true)?;
 

@@ -120,6 +120,11 @@ pub struct Cache {
     blobs: Layout,
 }
 
+/// A hold on the cache's lock file (`<cache>/lock`), released when dropped.
+pub struct CacheLock {
+    _file: fs::File,
+}
+
 impl Cache {
     pub fn default_dir() -> PathBuf {
         dirs::cache_dir().unwrap_or_else(std::env::temp_dir).join("mwbuild")
@@ -165,12 +170,73 @@ impl Cache {
         BlobStat::of(&dst).map_err(|source| CacheError::Io { path: dst, what: "cannot stat blob", source })
     }
 
+    /// Hold the cache for a build (shared: builds may run side by side), until dropped.
+    /// Waits while `mwbuild prune` runs.
+    pub fn lock_shared(&self) -> Result<CacheLock, CacheError> {
+        self.lock(rustix::fs::FlockOperation::LockShared)
+    }
+
+    /// Hold the cache alone (for prune); fails at once while a build holds it.
+    pub fn lock_exclusive(&self) -> Result<CacheLock, CacheError> {
+        self.lock(rustix::fs::FlockOperation::NonBlockingLockExclusive)
+    }
+
+    fn lock(&self, op: rustix::fs::FlockOperation) -> Result<CacheLock, CacheError> {
+        let path = self.root.join("lock");
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| CacheError::Io { path: path.clone(), what: "cannot open lock file", source })?;
+        match rustix::fs::flock(&f, op) {
+            Ok(()) => Ok(CacheLock { _file: f }),
+            Err(e) if e == rustix::io::Errno::WOULDBLOCK => Err(CacheError::Io {
+                path,
+                what: "cannot lock (a build is using the cache; run this again once it is done)",
+                source: e.into(),
+            }),
+            Err(e) => Err(CacheError::Io { path, what: "cannot lock", source: e.into() }),
+        }
+    }
+
+    /// Mark a record as used now (its mtime, which `prune` reads), at most once an hour.
+    fn touch(path: &Path) {
+        let now = std::time::SystemTime::now();
+        let stale = fs::metadata(path)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| now.duration_since(t).is_ok_and(|d| d > std::time::Duration::from_secs(3600)));
+        if stale {
+            if let Ok(f) = fs::OpenOptions::new().write(true).open(path) {
+                let _ = f.set_modified(now);
+            }
+        }
+    }
+
+    /// The layer a slot record (a `slots/<id>.json` file) was last built into.
+    pub fn slot_last_key(&self, path: &Path) -> Option<Digest> {
+        self.read_sealed_at::<SlotRecord>(path, false)?.last_key
+    }
+
+    /// A layer record file as it is, without checking its blobs or touching it.
+    pub fn read_layer_record(&self, path: &Path) -> Option<LayerRecord> {
+        self.read_sealed_at(path, false)
+    }
+
     /// Records are `<sha256 of body>\n<body JSON>`; the checksum is over the raw bytes.
     fn read_sealed<T: DeserializeOwned>(&self, path: &Path) -> Option<T> {
+        self.read_sealed_at(path, true)
+    }
+
+    /// `remove_corrupt`: delete a record that fails its checksum (builds do; prune's
+    /// dry run must not).
+    fn read_sealed_at<T: DeserializeOwned>(&self, path: &Path, remove_corrupt: bool) -> Option<T> {
         let bytes = fs::read(path).ok()?;
         let corrupt = |why: &str| {
             tracing::warn!("cache record {} is corrupt ({why}); ignoring it", path.display());
-            let _ = fs::remove_file(path);
+            if remove_corrupt {
+                let _ = fs::remove_file(path);
+            }
         };
         let Some(nl) = bytes.iter().position(|b| *b == b'\n') else {
             corrupt("no checksum line");
@@ -208,8 +274,13 @@ impl Cache {
     }
 
     pub fn load_slot(&self, slot: &str, source: &Path, params: &Digest) -> Option<SlotRecord> {
-        let r: SlotRecord = self.read_sealed(&self.slot_path(slot, source, "json"))?;
-        (r.slot == slot && r.source == source && &r.params == params).then_some(r)
+        let path = self.slot_path(slot, source, "json");
+        let r: SlotRecord = self.read_sealed(&path)?;
+        let ok = r.slot == slot && r.source == source && &r.params == params;
+        if ok {
+            Self::touch(&path);
+        }
+        ok.then_some(r)
     }
 
     fn walk_path(&self, root: &Path, excludes: &[String]) -> PathBuf {
@@ -225,6 +296,8 @@ impl Cache {
         if s.is_none() {
             tracing::warn!("walk snapshot {} is corrupt; ignoring it", path.display());
             let _ = fs::remove_file(&path);
+        } else {
+            Self::touch(&path);
         }
         s
     }
@@ -256,6 +329,7 @@ impl Cache {
         let toc_ok = self.blobs.blob_size(&r.toc_digest) == Some(r.toc_size);
         let stat_ok = BlobStat::of(&blob).ok() == Some(r.blob_stat);
         if toc_ok && stat_ok {
+            Self::touch(&path);
             return Some(r);
         }
         // Stat changed (copied cache, touched file, or corruption): rehash to decide.

@@ -8,6 +8,7 @@ pub mod image;
 pub mod inspect;
 pub mod layer;
 pub mod plan;
+pub mod prune;
 pub mod publish;
 pub mod rebase;
 pub mod report;

@@ -52,6 +52,19 @@ enum Cmd {
         #[command(flatten)]
         registry: RegistryArgs,
     },
+    /// Remove from the build cache what no build used within --keep-days (what the last
+    /// build of each tree made is always kept).
+    Prune {
+        /// Build cache directory (default: ~/.cache/mwbuild).
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+        /// Keep what was used within this many days.
+        #[arg(long, default_value_t = 14)]
+        keep_days: u64,
+        /// Only report what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Swap the base layers under an image without touching the MediaWiki layers.
     Rebase {
         image: String,
@@ -120,6 +133,12 @@ async fn run(cli: Cli) -> Result<()> {
             if !a.quiet {
                 print!("{}", report.summary());
             }
+        }
+        Cmd::Prune { cache_dir, keep_days, dry_run } => {
+            let dir = cache_dir.unwrap_or_else(mwbuild::cache::Cache::default_dir);
+            let keep = std::time::Duration::from_secs(keep_days.saturating_mul(86_400));
+            let r = mwbuild::prune::prune(&dir, keep, dry_run)?;
+            print!("{}", r.summary(dry_run));
         }
         Cmd::Inspect { image, registry } => {
             let r = parse_ref(&image)?;

@@ -561,3 +561,76 @@ fn diff_between_versions_matches_the_fixture_churn() -> R {
     assert!(!sec.changed.is_empty());
     Ok(())
 }
+
+/// Set the modification time of every file directly in `dir` to `age` ago.
+fn age_files(dir: &Path, age: std::time::Duration) -> R {
+    let t = std::time::SystemTime::now() - age;
+    let secs = t.duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
+    let ts = rustix::fs::Timespec { tv_sec: secs, tv_nsec: 0 };
+    for e in fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_file() {
+            rustix::fs::utimensat(
+                rustix::fs::CWD,
+                &p,
+                &rustix::fs::Timestamps { last_access: ts, last_modification: ts },
+                rustix::fs::AtFlags::empty(),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Prune keeps what the last build of each tree made (the next build stays a no-op) and
+/// what was used recently, removes the rest, and does not run while a build holds the
+/// cache.
+#[test]
+fn prune_keeps_the_last_build_and_removes_unused_layers() -> R {
+    let day = std::time::Duration::from_secs(86_400);
+    let tmp = tempfile::tempdir()?;
+    let t = train(tmp.path(), 1)?;
+    let spec = Spec::load(&t.spec)?;
+    let (out, cache) = (tmp.path().join("out"), tmp.path().join("cache"));
+    let first = run_build(&spec, &opts(&out, &cache, 2))?;
+    mwfixture::edit_files(&spec.versions[0].source, 1, 99)?;
+    let second = run_build(&spec, &opts(&out, &cache, 2))?;
+    let gone: Vec<String> = first
+        .layers
+        .iter()
+        .filter(|l| !second.layers.iter().any(|m| m.digest == l.digest))
+        .map(|l| l.digest.hex().to_string())
+        .collect();
+    assert_eq!(gone.len(), 1);
+    let blob = |hex: &str| cache.join("blobs/sha256").join(hex);
+
+    // Everything was used moments ago: nothing goes.
+    let r = mwbuild::prune::prune(&cache, 14 * day, false)?;
+    assert_eq!((r.layer_records, r.blobs), (0, 0), "{r:?}");
+
+    // Layers and blobs last used 30 days ago: only what the slots were last built into
+    // stays. A dry run says so and removes nothing.
+    age_files(&cache.join("layers"), 30 * day)?;
+    age_files(&cache.join("blobs/sha256"), 30 * day)?;
+    let dry = mwbuild::prune::prune(&cache, 14 * day, true)?;
+    assert_eq!(dry.layer_records, 1, "{dry:?}");
+    assert_eq!(dry.blobs, 2, "the old layer and its table of contents: {dry:?}");
+    assert!(blob(&gone[0]).exists());
+    let r = mwbuild::prune::prune(&cache, 14 * day, false)?;
+    assert_eq!(r, dry);
+    assert!(!blob(&gone[0]).exists());
+    for l in &second.layers {
+        assert!(blob(l.digest.hex()).exists(), "{} was removed", l.slot);
+    }
+    let third = run_build(&spec, &opts(&out, &cache, 2))?;
+    assert_eq!(digests(&third), digests(&second));
+    assert!(third.layers.iter().all(|l| !l.rebuilt), "a pruned cache rebuilt a layer");
+
+    // A build holds the cache: prune refuses at once and says why.
+    let c = mwbuild::cache::Cache::open(&cache)?;
+    let held = c.lock_shared()?;
+    let e = mwbuild::prune::prune(&cache, 14 * day, false).err().ok_or("prune ran under a build")?;
+    assert!(e.to_string().contains("lock"), "{e}");
+    drop(held);
+    mwbuild::prune::prune(&cache, 14 * day, false)?;
+    Ok(())
+}

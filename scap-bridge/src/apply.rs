@@ -51,7 +51,10 @@ pub struct Builder<'a> {
     groups: HashMap<ContentRef, Group>,
     /// Which layer [`Extract`] calls are for.
     layer: u32,
-    dir_cache: Option<(String, OwnedFd)>,
+    /// Recently used directories of the new tree, most recent last: a layer's entries
+    /// come in path order, so a directory's files are interleaved with its
+    /// subdirectories' and the same few directories recur.
+    dir_cache: Vec<(String, OwnedFd)>,
     pub bytes_written: u64,
     pub files_written: u64,
 }
@@ -78,7 +81,7 @@ impl<'a> Builder<'a> {
             live,
             groups: HashMap::new(),
             layer: 0,
-            dir_cache: None,
+            dir_cache: Vec::new(),
             bytes_written: 0,
             files_written: 0,
         })
@@ -193,13 +196,27 @@ impl<'a> Builder<'a> {
     }
 
     fn dir_of(&mut self, p: &str) -> Result<&OwnedFd> {
+        const KEEP: usize = 32;
         let parent = path::parent(p);
-        if self.dir_cache.as_ref().is_none_or(|(d, _)| d != parent) {
-            let fd =
-                fsutil::open_dir_beneath(&self.root, parent).map_err(io_at(&self.tmp_path(), parent, "cannot open"))?;
-            self.dir_cache = Some((parent.to_string(), fd));
+        match self.dir_cache.iter().rposition(|(d, _)| d == parent) {
+            Some(i) if i + 1 == self.dir_cache.len() => {}
+            Some(i) => {
+                let hit = self.dir_cache.remove(i);
+                self.dir_cache.push(hit);
+            }
+            None => {
+                let fd = fsutil::open_dir_beneath(&self.root, parent).map_err(io_at(
+                    &self.tmp_path(),
+                    parent,
+                    "cannot open",
+                ))?;
+                if self.dir_cache.len() == KEEP {
+                    self.dir_cache.remove(0);
+                }
+                self.dir_cache.push((parent.to_string(), fd));
+            }
         }
-        match &self.dir_cache {
+        match self.dir_cache.last() {
             Some((_, fd)) => Ok(fd),
             None => Err(Error::Usage("internal: no directory".into())),
         }
@@ -271,7 +288,7 @@ impl<'a> Builder<'a> {
     /// Set directory modes and mtimes (after everything inside them exists), deepest first.
     pub fn finish_dirs(&mut self, plan: &Plan) -> Result<()> {
         let tmp_path = self.tmp_path();
-        self.dir_cache = None;
+        self.dir_cache.clear();
         for (k, a) in plan.actions.iter().rev() {
             let (mode, mtime) = match a {
                 Action::Dir { mode, mtime } => (*mode, *mtime),
