@@ -40,6 +40,9 @@ impl LayerPlan {
 
 /// Stable bin of a path: the first 8 bytes of its sha256, modulo `bins`.
 pub fn bin_of(rel: &str, bins: u32) -> u32 {
+    if bins <= 1 {
+        return 0;
+    }
     let h = Sha256::digest(rel.as_bytes());
     let mut b = [0u8; 8];
     b.copy_from_slice(&h[..8]);
