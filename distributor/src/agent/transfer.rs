@@ -24,6 +24,9 @@ pub const WATCHDOG: Duration = Duration::from_secs(2);
 /// Give up (and tell the client) when nothing arrived for this long.
 pub const GIVE_UP: Duration = Duration::from_secs(30);
 const ANNOUNCE_EVERY: Duration = Duration::from_millis(250);
+/// After a piece from the origin arrived (only we have it), announce after this long
+/// rather than [`ANNOUNCE_EVERY`].
+const ANNOUNCE_SOON: Duration = Duration::from_millis(50);
 /// How long to leave the origin alone after it had no piece for us.
 const ORIGIN_QUIET: Duration = Duration::from_millis(200);
 const SEED_ANNOUNCE_EVERY: Duration = Duration::from_secs(2);
@@ -32,7 +35,6 @@ const SEED_ANNOUNCE_EVERY: Duration = Duration::from_secs(2);
 pub const MAX_INFLIGHT: usize = 12;
 pub const PER_PEER: usize = 3;
 const BUSY_BACKOFF: Duration = Duration::from_millis(60);
-const BUSY: &str = "busy";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, thiserror::Error)]
@@ -239,13 +241,35 @@ impl Transfer {
 
 mod fetch;
 
+use crate::api::AnnounceReply;
 pub use fetch::announce_seeds;
-use fetch::{announce, fetch_from_origin, fetch_from_peer, fetch_manifest, Got, Outcome, Source};
+use fetch::{announce, fetch_from_origin, fetch_from_peer, fetch_manifest, Got, Outcome, Reply, Source};
 
 struct Peer {
     have: Bitfield,
     inflight: usize,
     busy_until: Option<Instant>,
+}
+
+impl Peer {
+    fn new(n: usize) -> Self {
+        Peer { have: Bitfield::new(n), inflight: 0, busy_until: None }
+    }
+}
+
+/// What woke the driver.
+enum Event {
+    Done(Option<Result<Outcome, tokio::task::JoinError>>),
+    Announced(Result<Result<AnnounceReply, String>, tokio::task::JoinError>),
+    Tick,
+}
+
+/// The announcement in flight, if any (never ready when there is none).
+async fn join_opt<T>(h: &mut Option<tokio::task::JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
+    match h {
+        Some(h) => h.await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The expected hash of piece `i`: known, claimed by the origin itself, or fetched anew.
@@ -307,9 +331,13 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
     let mut origin_quiet_until = Instant::now();
     let mut tasks: JoinSet<Outcome> = JoinSet::new();
     let mut last_announce: Option<Instant> = None;
+    let mut announcing: Option<tokio::task::JoinHandle<Result<AnnounceReply, String>>> = None;
+    // A piece from the origin is new to the swarm: tell the tracker soon.
+    let mut announce_soon = false;
     let mut last_progress = Instant::now();
     let mut last_check = Instant::now() - WATCHDOG;
     let mut stop = agent.stop.clone();
+    let mut outcomes: Vec<Outcome> = Vec::new();
     loop {
         if agent.stopping() {
             return Err("the agent is stopping".into());
@@ -318,31 +346,20 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
         if have.is_full() {
             break;
         }
-        if last_announce.is_none_or(|l| l.elapsed() >= ANNOUNCE_EVERY) {
-            last_announce = Some(Instant::now());
-            match announce(agent, t).await {
-                Ok(reply) => {
-                    let fresh: HashMap<String, Bitfield> = reply
-                        .peers
-                        .into_iter()
-                        .filter(|p| p.addr != agent.advertise && !agent.is_banned(&p.addr))
-                        .filter_map(|p| Bitfield::from_hex(&p.have, n).map(|b| (p.addr, b)))
-                        .collect();
-                    peers.retain(|a, p| p.inflight > 0 || fresh.contains_key(a));
-                    for (a, b) in fresh {
-                        peers.entry(a).or_insert(Peer { have: Bitfield::new(n), inflight: 0, busy_until: None }).have =
-                            b;
-                    }
-                }
-                Err(e) => tracing::debug!("agent: announce for {}: {e}", t.digest),
-            }
+        // Announce in the background: the planning goes on while the tracker answers.
+        let due = last_announce
+            .is_none_or(|l| l.elapsed() >= ANNOUNCE_EVERY || (announce_soon && l.elapsed() >= ANNOUNCE_SOON));
+        if announcing.is_none() && due {
+            (last_announce, announce_soon) = (Some(Instant::now()), false);
+            let (a, tr) = (agent.clone(), t.clone());
+            announcing = Some(tokio::spawn(async move { announce(&a, &tr).await }));
         }
         for (a, hex) in t.take_heard() {
             if a == agent.advertise || agent.is_banned(&a) {
                 continue;
             }
             if let Some(b) = Bitfield::from_hex(&hex, n) {
-                peers.entry(a).or_insert(Peer { have: Bitfield::new(n), inflight: 0, busy_until: None }).have = b;
+                peers.entry(a).or_insert_with(|| Peer::new(n)).have = b;
             }
         }
         // Plan as many requests as the limits allow.
@@ -396,12 +413,42 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
                 None => break,
             }
         }
-        let outcome = tokio::select! {
-            r = tasks.join_next(), if !tasks.is_empty() => r,
-            _ = tokio::time::sleep(Duration::from_millis(100)) => None,
-            _ = stop.changed() => None,
+        let event = tokio::select! {
+            r = tasks.join_next(), if !tasks.is_empty() => Event::Done(r),
+            r = join_opt(&mut announcing), if announcing.is_some() => Event::Announced(r),
+            _ = tokio::time::sleep(Duration::from_millis(100)) => Event::Tick,
+            _ = stop.changed() => Event::Tick,
         };
-        if let Some(Ok((src, asked, result))) = outcome {
+        match event {
+            Event::Done(Some(Ok(o))) => outcomes.push(o),
+            Event::Announced(r) => {
+                announcing = None;
+                match r {
+                    Ok(Ok(reply)) => {
+                        let fresh: HashMap<String, Bitfield> = reply
+                            .peers
+                            .into_iter()
+                            .filter(|p| p.addr != agent.advertise && !agent.is_banned(&p.addr))
+                            .filter_map(|p| Bitfield::from_hex(&p.have, n).map(|b| (p.addr, b)))
+                            .collect();
+                        peers.retain(|a, p| p.inflight > 0 || fresh.contains_key(a));
+                        for (a, b) in fresh {
+                            peers.entry(a).or_insert_with(|| Peer::new(n)).have = b;
+                        }
+                    }
+                    Ok(Err(e)) => tracing::debug!("agent: announce for {}: {e}", t.digest),
+                    Err(e) => tracing::debug!("agent: announce task for {}: {e}", t.digest),
+                }
+            }
+            _ => {}
+        }
+        // Take every request that ended meanwhile, then plan once for all of them.
+        while let Some(r) = tasks.try_join_next() {
+            if let Ok(o) = r {
+                outcomes.push(o);
+            }
+        }
+        for (src, asked, result) in outcomes.drain(..) {
             match &src {
                 Source::Origin => origin_inflight = origin_inflight.saturating_sub(1),
                 Source::Peer(a) => {
@@ -414,7 +461,7 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
                 pending[i] = pending[i].saturating_sub(1);
             }
             match result {
-                Ok(Some(Got { i, bytes, claimed, have })) => {
+                Ok(Reply::Piece(Got { i, bytes, claimed, have })) => {
                     if let (Source::Peer(a), Some(h)) = (&src, have.and_then(|h| Bitfield::from_hex(&h, n))) {
                         if let Some(p) = peers.get_mut(a) {
                             p.have = h;
@@ -422,16 +469,22 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
                     }
                     if accept_piece(agent, t, i, &bytes, claimed, &src).await? {
                         (last_progress, last_piece) = (Instant::now(), Instant::now());
+                        if src == Source::Origin {
+                            announce_soon = true;
+                        }
                     } else if let Source::Peer(a) = &src {
                         agent.ban(a);
                         peers.remove(a);
                     }
                 }
-                Ok(None) => origin_quiet_until = Instant::now() + ORIGIN_QUIET,
-                Err(e) if e == BUSY => {
-                    if let Source::Peer(a) = &src {
+                Ok(Reply::Nothing) => origin_quiet_until = Instant::now() + ORIGIN_QUIET,
+                Ok(Reply::Busy(have)) => {
+                    if let (Source::Peer(a), h) = (&src, have.and_then(|h| Bitfield::from_hex(&h, n))) {
                         if let Some(p) = peers.get_mut(a) {
                             p.busy_until = Some(Instant::now() + BUSY_BACKOFF);
+                            if let Some(h) = h {
+                                p.have = h;
+                            }
                         }
                     }
                 }
