@@ -35,6 +35,8 @@ const SEED_ANNOUNCE_EVERY: Duration = Duration::from_secs(2);
 pub const MAX_INFLIGHT: usize = 12;
 pub const PER_PEER: usize = 3;
 const BUSY_BACKOFF: Duration = Duration::from_millis(60);
+/// Pieces hashed into the whole-blob digest per round of the driver at most.
+const PREFIX_STEP: usize = 8;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, thiserror::Error)]
@@ -338,6 +340,9 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
     let mut last_check = Instant::now() - WATCHDOG;
     let mut stop = agent.stop.clone();
     let mut outcomes: Vec<Outcome> = Vec::new();
+    // The whole-blob digest, over the pieces on disk from the first up to the first
+    // missing one, so that little is left to hash when the last piece arrives.
+    let mut whole = Prefix::default();
     loop {
         if agent.stopping() {
             return Err("the agent is stopping".into());
@@ -498,6 +503,9 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
                 }
             }
         }
+        // A few at a time: this runs on the task that plans, and serving peers shares
+        // the thread.
+        whole.advance(t, PREFIX_STEP).map_err(|e| format!("hashing the blob: {e}"))?;
         let received = t.received.load(std::sync::atomic::Ordering::Relaxed);
         if received != last_received {
             (last_received, last_progress) = (received, Instant::now());
@@ -526,7 +534,27 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
             }
         }
     }
-    finish(agent, t).await
+    finish(agent, t, whole).await
+}
+
+/// SHA-256 of the first `pieces` pieces of the partial file, as written.
+#[derive(Default)]
+struct Prefix {
+    hasher: sha2::Sha256,
+    pieces: usize,
+}
+
+impl Prefix {
+    /// Hash up to `max` pieces that follow the prefix and are verified on disk.
+    fn advance(&mut self, t: &Transfer, max: usize) -> std::io::Result<()> {
+        use sha2::Digest as _;
+        let end = self.pieces.saturating_add(max).min(t.geo.count());
+        while self.pieces < end && t.has(self.pieces) {
+            self.hasher.update(t.read_piece(self.pieces)?);
+            self.pieces += 1;
+        }
+        Ok(())
+    }
 }
 
 /// When stuck, ask whether the origin found the upstream blob wrong.
@@ -575,14 +603,26 @@ async fn accept_piece(
     Ok(true)
 }
 
-/// Verify the whole blob and rename it into place.
-async fn finish(agent: &Agent, t: &Transfer) -> Result<(), String> {
+/// Verify the whole blob (hashing what the prefix has not covered yet, from the file)
+/// and rename it into place.
+async fn finish(agent: &Agent, t: &Arc<Transfer>, mut whole: Prefix) -> Result<(), String> {
     let partial = agent.partial_path(&t.digest);
-    let p = partial.clone();
-    let (actual, size) = tokio::task::spawn_blocking(move || crate::disk::digest_file(&p))
-        .await
-        .map_err(|e| format!("hashing task: {e}"))?
-        .map_err(|e| format!("hashing {}: {e}", partial.display()))?;
+    tracing::debug!(
+        "agent: {}: {} of {} pieces hashed before the last one came",
+        t.digest,
+        whole.pieces,
+        t.geo.count()
+    );
+    let tr = t.clone();
+    let (actual, size) = tokio::task::spawn_blocking(move || {
+        use sha2::Digest as _;
+        whole.advance(&tr, usize::MAX)?;
+        let size = tr.file.metadata()?.len();
+        Ok::<_, std::io::Error>((oci_core::Digest::from_sha256(whole.hasher.finalize().into()), size))
+    })
+    .await
+    .map_err(|e| format!("hashing task: {e}"))?
+    .map_err(|e| format!("hashing {}: {e}", partial.display()))?;
     if actual != t.digest || size != t.geo.size {
         return Err(format!("the assembled blob hashes to {actual} ({size} bytes); discarded"));
     }
