@@ -157,7 +157,7 @@ async fn metric(http: &reqwest::Client, addr: &str, name: &str) -> u64 {
 /// Every [`SAMPLE_EVERY`]: seconds since the start, origin egress and the agents' total
 /// download (bytes), read from their metrics.
 type Timeline = Vec<(f64, u64, u64)>;
-const SAMPLE_EVERY: Duration = Duration::from_secs(2);
+const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
 async fn sample_utilisation(
     http: reqwest::Client,
@@ -166,16 +166,27 @@ async fn sample_utilisation(
     start: Instant,
     out: std::sync::Arc<std::sync::Mutex<Timeline>>,
 ) {
+    let mut next = tokio::time::Instant::now();
+    // A killed agent's counters stay at their last value.
+    let mut last = vec![0u64; peers.len()];
     loop {
-        let at = start.elapsed().as_secs_f64();
-        let up = metric(&http, &origin, "mwdist_bytes_up_total{to=\"peers\"}").await;
-        let mut down = 0;
-        for p in &peers {
-            down += metric(&http, p, "mwdist_bytes_down_total{source=\"peers\"}").await;
-            down += metric(&http, p, "mwdist_bytes_down_total{source=\"origin\"}").await;
-        }
-        out.lock().unwrap_or_else(|p| p.into_inner()).push((at, up, down));
-        tokio::time::sleep(SAMPLE_EVERY).await;
+        // All at once, stamped with the middle of the round, so that a loaded machine
+        // does not smear a sample over seconds.
+        let before = start.elapsed().as_secs_f64();
+        let up = metric(&http, &origin, "mwdist_bytes_up_total{to=\"peers\"}");
+        let down = futures_util::future::join_all(peers.iter().map(|p| {
+            let http = &http;
+            async move {
+                metric(http, p, "mwdist_bytes_down_total{source=\"peers\"}").await
+                    + metric(http, p, "mwdist_bytes_down_total{source=\"origin\"}").await
+            }
+        }));
+        let (up, down) = tokio::join!(up, down);
+        let at = (before + start.elapsed().as_secs_f64()) / 2.0;
+        last.iter_mut().zip(down).for_each(|(l, d)| *l = (*l).max(d));
+        out.lock().unwrap_or_else(|p| p.into_inner()).push((at, up, last.iter().sum()));
+        next = (next + SAMPLE_EVERY).max(tokio::time::Instant::now());
+        tokio::time::sleep_until(next).await;
     }
 }
 
@@ -272,20 +283,20 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             pull(http, url, None, None, start).await
         }));
     }
+    let timeline: std::sync::Arc<std::sync::Mutex<Timeline>> = Default::default();
+    let sampler = tokio::spawn(sample_utilisation(
+        reqwest::Client::new(),
+        origin_addr.clone(),
+        agents.iter().filter_map(|a| a.field("peer").ok()).collect(),
+        start,
+        timeline.clone(),
+    ));
     if n_kill > 0 {
         tokio::time::sleep(half).await;
         for &i in &killed {
             agents[i].kill();
         }
     }
-    let timeline: std::sync::Arc<std::sync::Mutex<Timeline>> = Default::default();
-    let sampler = tokio::spawn(sample_utilisation(
-        http.clone(),
-        origin_addr.clone(),
-        agents.iter().filter_map(|a| a.field("peer").ok()).collect(),
-        start,
-        timeline.clone(),
-    ));
     let mut times = Vec::new();
     let mut failures = 0;
     for (i, t) in tasks.into_iter().enumerate() {
@@ -307,10 +318,11 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     let timeline = timeline.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let egress = metric(&http, &origin_addr, "mwdist_bytes_up_total{to=\"peers\"}").await;
     let rss = agents.iter().filter_map(Child2::peak_rss).max().unwrap_or(0);
-    let mut rejected = 0;
+    let (mut rejected, mut busy) = (0, 0);
     for (i, ag) in agents.iter().enumerate() {
         if !killed.contains(&i) {
             rejected += metric(&http, &ag.field("peer")?, "mwdist_pieces_rejected_total").await;
+            busy += metric(&http, &ag.field("peer")?, "mwdist_piece_requests_busy_total").await;
         }
     }
     drop(agents);
@@ -318,7 +330,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     report::print_row("p2p", &p2p, lb.t);
     println!(
         "  survivors {} of {n} completed with verified bytes, {failures} failed; pieces rejected {rejected}; \
-         origin egress {:.3}×S; agent peak RSS {}",
+         origin egress {:.3}×S; agent peak RSS {}; piece requests refused busy {busy}",
         p2p.len(),
         egress as f64 / s as f64,
         report::human(rss)

@@ -10,11 +10,14 @@ use std::time::{Duration, Instant};
 /// concurrent transfers finely.
 pub const CHUNK: usize = 64 << 10;
 
-/// Pieces a node uploads at once (more requests wait their turn, briefly). Few concurrent
-/// uploads finish each piece sooner, so that it can be re-served sooner (BitTorrent's
-/// unchoke slots play the same role); two keep the link busy while the next request of
-/// the queue starts.
-pub const UPLOAD_SLOTS: usize = 2;
+/// Pieces a node uploads at once (more requests wait their turn, briefly). One at the
+/// full rate finishes each piece in one piece-time, so that its recipient can pass it on
+/// twice as soon as with two at half the rate (BitTorrent's unchoke slots play the same
+/// role); the next request of the queue takes the slot as soon as the last byte is in
+/// the socket, and the token bucket's burst covers what is left of that gap (as for
+/// the origin). Measured at N=100: the agents' mean download rose from 85-90 % to
+/// 90-95 % of the cap during the origin's send phase.
+pub const UPLOAD_SLOTS: usize = 1;
 
 #[derive(Debug)]
 pub struct RateLimiter {

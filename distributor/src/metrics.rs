@@ -22,9 +22,10 @@ pub enum M {
     RequestsRefused,
     PiecesResumed,
     BlobsEvicted,
+    PeerRequestsBusy,
 }
 
-const ALL: [(M, &str, &str, &str); 15] = [
+const ALL: [(M, &str, &str, &str); 16] = [
     (M::BytesDownPeers, "mwdist_bytes_down_total{source=\"peers\"}", "counter", "Bytes received"),
     (M::BytesDownOrigin, "mwdist_bytes_down_total{source=\"origin\"}", "counter", ""),
     (M::BytesDownUpstream, "mwdist_bytes_down_total{source=\"upstream\"}", "counter", ""),
@@ -40,11 +41,12 @@ const ALL: [(M, &str, &str, &str); 15] = [
     (M::RequestsRefused, "mwdist_requests_refused_total", "counter", "Requests refused with 503 (--max-requests)"),
     (M::PiecesResumed, "mwdist_pieces_resumed_total", "counter", "Verified pieces reused from partial/ at start"),
     (M::BlobsEvicted, "mwdist_blobs_evicted_total", "counter", "Blobs evicted to stay under --cache-max"),
+    (M::PeerRequestsBusy, "mwdist_piece_requests_busy_total", "counter", "Piece requests refused: upload slots busy"),
 ];
 
 #[derive(Debug, Default)]
 pub struct Metrics {
-    values: [AtomicU64; 15],
+    values: [AtomicU64; 16],
 }
 
 impl Metrics {

@@ -61,6 +61,7 @@ async fn piece_handler(
     // A busy peer queues the request briefly, so that its link does not idle between
     // pieces, then refuses (with its bitfield) so that the requester asks another.
     let Ok(Ok(permit)) = tokio::time::timeout(UPLOAD_WAIT, a.upload_slots.clone().acquire_owned()).await else {
+        a.metrics.add(M::PeerRequestsBusy, 1);
         return (StatusCode::SERVICE_UNAVAILABLE, [(crate::api::PEER_HAVE, t.have_hex())]).into_response();
     };
     match t.read_piece(i) {

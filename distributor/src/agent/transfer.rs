@@ -24,6 +24,9 @@ pub const WATCHDOG: Duration = Duration::from_secs(2);
 /// Give up (and tell the client) when nothing arrived for this long.
 pub const GIVE_UP: Duration = Duration::from_secs(30);
 const ANNOUNCE_EVERY: Duration = Duration::from_millis(250);
+/// After a piece from the origin arrived (only we have it), announce after this long
+/// rather than [`ANNOUNCE_EVERY`].
+const ANNOUNCE_SOON: Duration = Duration::from_millis(50);
 /// How long to leave the origin alone after it had no piece for us.
 const ORIGIN_QUIET: Duration = Duration::from_millis(200);
 const SEED_ANNOUNCE_EVERY: Duration = Duration::from_secs(2);
@@ -32,7 +35,8 @@ const SEED_ANNOUNCE_EVERY: Duration = Duration::from_secs(2);
 pub const MAX_INFLIGHT: usize = 12;
 pub const PER_PEER: usize = 3;
 const BUSY_BACKOFF: Duration = Duration::from_millis(60);
-const BUSY: &str = "busy";
+/// Pieces hashed into the whole-blob digest per round of the driver at most.
+const PREFIX_STEP: usize = 8;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, thiserror::Error)]
@@ -239,13 +243,35 @@ impl Transfer {
 
 mod fetch;
 
+use crate::api::AnnounceReply;
 pub use fetch::announce_seeds;
-use fetch::{announce, fetch_from_origin, fetch_from_peer, fetch_manifest, Got, Outcome, Source};
+use fetch::{announce, fetch_from_origin, fetch_from_peer, fetch_manifest, Got, Outcome, Reply, Source};
 
 struct Peer {
     have: Bitfield,
     inflight: usize,
     busy_until: Option<Instant>,
+}
+
+impl Peer {
+    fn new(n: usize) -> Self {
+        Peer { have: Bitfield::new(n), inflight: 0, busy_until: None }
+    }
+}
+
+/// What woke the driver.
+enum Event {
+    Done(Option<Result<Outcome, tokio::task::JoinError>>),
+    Announced(Result<Result<AnnounceReply, String>, tokio::task::JoinError>),
+    Tick,
+}
+
+/// The announcement in flight, if any (never ready when there is none).
+async fn join_opt<T>(h: &mut Option<tokio::task::JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
+    match h {
+        Some(h) => h.await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The expected hash of piece `i`: known, claimed by the origin itself, or fetched anew.
@@ -307,9 +333,16 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
     let mut origin_quiet_until = Instant::now();
     let mut tasks: JoinSet<Outcome> = JoinSet::new();
     let mut last_announce: Option<Instant> = None;
+    let mut announcing: Option<tokio::task::JoinHandle<Result<AnnounceReply, String>>> = None;
+    // A piece from the origin is new to the swarm: tell the tracker soon.
+    let mut announce_soon = false;
     let mut last_progress = Instant::now();
     let mut last_check = Instant::now() - WATCHDOG;
     let mut stop = agent.stop.clone();
+    let mut outcomes: Vec<Outcome> = Vec::new();
+    // The whole-blob digest, over the pieces on disk from the first up to the first
+    // missing one, so that little is left to hash when the last piece arrives.
+    let mut whole = Prefix::default();
     loop {
         if agent.stopping() {
             return Err("the agent is stopping".into());
@@ -318,31 +351,20 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
         if have.is_full() {
             break;
         }
-        if last_announce.is_none_or(|l| l.elapsed() >= ANNOUNCE_EVERY) {
-            last_announce = Some(Instant::now());
-            match announce(agent, t).await {
-                Ok(reply) => {
-                    let fresh: HashMap<String, Bitfield> = reply
-                        .peers
-                        .into_iter()
-                        .filter(|p| p.addr != agent.advertise && !agent.is_banned(&p.addr))
-                        .filter_map(|p| Bitfield::from_hex(&p.have, n).map(|b| (p.addr, b)))
-                        .collect();
-                    peers.retain(|a, p| p.inflight > 0 || fresh.contains_key(a));
-                    for (a, b) in fresh {
-                        peers.entry(a).or_insert(Peer { have: Bitfield::new(n), inflight: 0, busy_until: None }).have =
-                            b;
-                    }
-                }
-                Err(e) => tracing::debug!("agent: announce for {}: {e}", t.digest),
-            }
+        // Announce in the background: the planning goes on while the tracker answers.
+        let due = last_announce
+            .is_none_or(|l| l.elapsed() >= ANNOUNCE_EVERY || (announce_soon && l.elapsed() >= ANNOUNCE_SOON));
+        if announcing.is_none() && due {
+            (last_announce, announce_soon) = (Some(Instant::now()), false);
+            let (a, tr) = (agent.clone(), t.clone());
+            announcing = Some(tokio::spawn(async move { announce(&a, &tr).await }));
         }
         for (a, hex) in t.take_heard() {
             if a == agent.advertise || agent.is_banned(&a) {
                 continue;
             }
             if let Some(b) = Bitfield::from_hex(&hex, n) {
-                peers.entry(a).or_insert(Peer { have: Bitfield::new(n), inflight: 0, busy_until: None }).have = b;
+                peers.entry(a).or_insert_with(|| Peer::new(n)).have = b;
             }
         }
         // Plan as many requests as the limits allow.
@@ -396,12 +418,42 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
                 None => break,
             }
         }
-        let outcome = tokio::select! {
-            r = tasks.join_next(), if !tasks.is_empty() => r,
-            _ = tokio::time::sleep(Duration::from_millis(100)) => None,
-            _ = stop.changed() => None,
+        let event = tokio::select! {
+            r = tasks.join_next(), if !tasks.is_empty() => Event::Done(r),
+            r = join_opt(&mut announcing), if announcing.is_some() => Event::Announced(r),
+            _ = tokio::time::sleep(Duration::from_millis(100)) => Event::Tick,
+            _ = stop.changed() => Event::Tick,
         };
-        if let Some(Ok((src, asked, result))) = outcome {
+        match event {
+            Event::Done(Some(Ok(o))) => outcomes.push(o),
+            Event::Announced(r) => {
+                announcing = None;
+                match r {
+                    Ok(Ok(reply)) => {
+                        let fresh: HashMap<String, Bitfield> = reply
+                            .peers
+                            .into_iter()
+                            .filter(|p| p.addr != agent.advertise && !agent.is_banned(&p.addr))
+                            .filter_map(|p| Bitfield::from_hex(&p.have, n).map(|b| (p.addr, b)))
+                            .collect();
+                        peers.retain(|a, p| p.inflight > 0 || fresh.contains_key(a));
+                        for (a, b) in fresh {
+                            peers.entry(a).or_insert_with(|| Peer::new(n)).have = b;
+                        }
+                    }
+                    Ok(Err(e)) => tracing::debug!("agent: announce for {}: {e}", t.digest),
+                    Err(e) => tracing::debug!("agent: announce task for {}: {e}", t.digest),
+                }
+            }
+            _ => {}
+        }
+        // Take every request that ended meanwhile, then plan once for all of them.
+        while let Some(r) = tasks.try_join_next() {
+            if let Ok(o) = r {
+                outcomes.push(o);
+            }
+        }
+        for (src, asked, result) in outcomes.drain(..) {
             match &src {
                 Source::Origin => origin_inflight = origin_inflight.saturating_sub(1),
                 Source::Peer(a) => {
@@ -414,7 +466,7 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
                 pending[i] = pending[i].saturating_sub(1);
             }
             match result {
-                Ok(Some(Got { i, bytes, claimed, have })) => {
+                Ok(Reply::Piece(Got { i, bytes, claimed, have })) => {
                     if let (Source::Peer(a), Some(h)) = (&src, have.and_then(|h| Bitfield::from_hex(&h, n))) {
                         if let Some(p) = peers.get_mut(a) {
                             p.have = h;
@@ -422,16 +474,22 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
                     }
                     if accept_piece(agent, t, i, &bytes, claimed, &src).await? {
                         (last_progress, last_piece) = (Instant::now(), Instant::now());
+                        if src == Source::Origin {
+                            announce_soon = true;
+                        }
                     } else if let Source::Peer(a) = &src {
                         agent.ban(a);
                         peers.remove(a);
                     }
                 }
-                Ok(None) => origin_quiet_until = Instant::now() + ORIGIN_QUIET,
-                Err(e) if e == BUSY => {
-                    if let Source::Peer(a) = &src {
+                Ok(Reply::Nothing) => origin_quiet_until = Instant::now() + ORIGIN_QUIET,
+                Ok(Reply::Busy(have)) => {
+                    if let (Source::Peer(a), h) = (&src, have.and_then(|h| Bitfield::from_hex(&h, n))) {
                         if let Some(p) = peers.get_mut(a) {
                             p.busy_until = Some(Instant::now() + BUSY_BACKOFF);
+                            if let Some(h) = h {
+                                p.have = h;
+                            }
                         }
                     }
                 }
@@ -445,6 +503,9 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
                 }
             }
         }
+        // A few at a time: this runs on the task that plans, and serving peers shares
+        // the thread.
+        whole.advance(t, PREFIX_STEP).map_err(|e| format!("hashing the blob: {e}"))?;
         let received = t.received.load(std::sync::atomic::Ordering::Relaxed);
         if received != last_received {
             (last_received, last_progress) = (received, Instant::now());
@@ -473,7 +534,27 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
             }
         }
     }
-    finish(agent, t).await
+    finish(agent, t, whole).await
+}
+
+/// SHA-256 of the first `pieces` pieces of the partial file, as written.
+#[derive(Default)]
+struct Prefix {
+    hasher: sha2::Sha256,
+    pieces: usize,
+}
+
+impl Prefix {
+    /// Hash up to `max` pieces that follow the prefix and are verified on disk.
+    fn advance(&mut self, t: &Transfer, max: usize) -> std::io::Result<()> {
+        use sha2::Digest as _;
+        let end = self.pieces.saturating_add(max).min(t.geo.count());
+        while self.pieces < end && t.has(self.pieces) {
+            self.hasher.update(t.read_piece(self.pieces)?);
+            self.pieces += 1;
+        }
+        Ok(())
+    }
 }
 
 /// When stuck, ask whether the origin found the upstream blob wrong.
@@ -522,14 +603,26 @@ async fn accept_piece(
     Ok(true)
 }
 
-/// Verify the whole blob and rename it into place.
-async fn finish(agent: &Agent, t: &Transfer) -> Result<(), String> {
+/// Verify the whole blob (hashing what the prefix has not covered yet, from the file)
+/// and rename it into place.
+async fn finish(agent: &Agent, t: &Arc<Transfer>, mut whole: Prefix) -> Result<(), String> {
     let partial = agent.partial_path(&t.digest);
-    let p = partial.clone();
-    let (actual, size) = tokio::task::spawn_blocking(move || crate::disk::digest_file(&p))
-        .await
-        .map_err(|e| format!("hashing task: {e}"))?
-        .map_err(|e| format!("hashing {}: {e}", partial.display()))?;
+    tracing::debug!(
+        "agent: {}: {} of {} pieces hashed before the last one came",
+        t.digest,
+        whole.pieces,
+        t.geo.count()
+    );
+    let tr = t.clone();
+    let (actual, size) = tokio::task::spawn_blocking(move || {
+        use sha2::Digest as _;
+        whole.advance(&tr, usize::MAX)?;
+        let size = tr.file.metadata()?.len();
+        Ok::<_, std::io::Error>((oci_core::Digest::from_sha256(whole.hasher.finalize().into()), size))
+    })
+    .await
+    .map_err(|e| format!("hashing task: {e}"))?
+    .map_err(|e| format!("hashing {}: {e}", partial.display()))?;
     if actual != t.digest || size != t.geo.size {
         return Err(format!("the assembled blob hashes to {actual} ({size} bytes); discarded"));
     }

@@ -1,7 +1,7 @@
 //! The requests a transfer makes: the origin's piece manifest, a piece from a peer or
 //! from the origin (read under the download cap), and tracker announcements.
 
-use super::{FetchError, Transfer, BUSY, REQUEST_TIMEOUT, SEED_ANNOUNCE_EVERY};
+use super::{FetchError, Transfer, REQUEST_TIMEOUT, SEED_ANNOUNCE_EVERY};
 use crate::agent::Agent;
 use crate::api::{Announce, AnnounceReply, PIECE_INDEX, PIECE_SHA256};
 use crate::metrics::M;
@@ -57,9 +57,17 @@ pub(super) enum Source {
     Origin,
 }
 
-/// A finished request: the piece (index, bytes, hash claimed by the origin) or nothing
-/// (the origin had no piece for us), or an error.
-pub(super) type Outcome = (Source, Option<usize>, Result<Option<Got>, String>);
+/// A finished request: the piece (index, bytes, hash claimed by the origin), nothing
+/// (the origin had no piece for us), a busy peer (with its bitfield), or an error.
+pub(super) type Outcome = (Source, Option<usize>, Result<Reply, String>);
+
+pub(super) enum Reply {
+    Piece(Got),
+    /// The origin had no piece for us.
+    Nothing,
+    /// The peer's upload slots are taken; its current bitfield, if it sent one.
+    Busy(Option<String>),
+}
 
 /// A piece received: its index and bytes, the hash the origin claims for it, and the
 /// sender's current bitfield (peers send it along, fresher than the tracker's).
@@ -82,7 +90,8 @@ pub(super) async fn read_body(
     m: M,
 ) -> Result<Bytes, String> {
     let from_origin = matches!(m, M::BytesDownOrigin);
-    let mut buf = BytesMut::new();
+    // The whole piece at once: growing the buffer chunk by chunk copies it again and again.
+    let mut buf = BytesMut::with_capacity(usize::try_from(max.min(crate::pieces::MAX_PIECE)).unwrap_or(0));
     while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
         if (buf.len() + chunk.len()) as u64 > max {
             return Err(format!("more than the {max} bytes expected"));
@@ -117,15 +126,15 @@ pub(super) async fn fetch_from_peer(agent: Arc<Agent>, t: Arc<Transfer>, addr: S
             .send()
             .await;
         let resp = resp.map_err(|e| e.to_string())?;
+        let have = resp.headers().get(crate::api::PEER_HAVE).and_then(|v| v.to_str().ok()).map(str::to_string);
         if resp.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE {
-            return Err(BUSY.to_string());
+            return Ok(Reply::Busy(have));
         }
         if !resp.status().is_success() {
             return Err(format!("peer answered {}", resp.status()));
         }
-        let have = resp.headers().get(crate::api::PEER_HAVE).and_then(|v| v.to_str().ok()).map(str::to_string);
         let bytes = read_body(&agent, &t, resp, t.geo.len_of(i), M::BytesDownPeers).await?;
-        Ok(Some(Got { i, bytes, claimed: None, have }))
+        Ok(Reply::Piece(Got { i, bytes, claimed: None, have }))
     }
     .await;
     (Source::Peer(addr), Some(i), r)
@@ -143,7 +152,7 @@ pub(super) async fn fetch_from_origin(agent: Arc<Agent>, t: Arc<Transfer>, skip:
         let resp = agent.http.get(&url).header("authorization", agent.auth()).timeout(REQUEST_TIMEOUT).send().await;
         let resp = resp.map_err(|e| format!("origin: {e}"))?;
         if resp.status() == reqwest::StatusCode::NO_CONTENT {
-            return Ok(None);
+            return Ok(Reply::Nothing);
         }
         if !resp.status().is_success() {
             let status = resp.status();
@@ -156,7 +165,7 @@ pub(super) async fn fetch_from_origin(agent: Arc<Agent>, t: Arc<Transfer>, skip:
             return Err(format!("origin sent piece {i} of {}", t.geo.count()));
         }
         let bytes = read_body(&agent, &t, resp, t.geo.len_of(i), M::BytesDownOrigin).await?;
-        Ok(Some(Got { i, bytes, claimed: hash, have: None }))
+        Ok(Reply::Piece(Got { i, bytes, claimed: hash, have: None }))
     }
     .await;
     (Source::Origin, None, r)
