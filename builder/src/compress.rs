@@ -41,15 +41,36 @@ impl Budget {
     }
 }
 
+/// Buffers kept for reuse, as many as can be in flight at once.
+struct Spares {
+    free: Mutex<Vec<Vec<u8>>>,
+    keep: usize,
+}
+
+impl Spares {
+    fn new(keep: usize) -> Self {
+        Spares { free: Mutex::new(Vec::new()), keep }
+    }
+    fn take(&self) -> Option<Vec<u8>> {
+        self.free.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+    fn give(&self, buf: Vec<u8>) {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        if free.len() < self.keep {
+            free.push(buf);
+        }
+    }
+}
+
 pub struct Engine {
     pub pool: rayon::ThreadPool,
     pub budget: Arc<Budget>,
     pub compression: Compression,
     /// Segment buffers (each `3 × block_size` long) ready for reuse: their pages are
     /// already mapped, so a new segment costs neither page faults nor a reallocation.
-    spare: Mutex<Vec<Vec<u8>>>,
+    spare: Spares,
     /// Compressed-output buffers ready for reuse, for the same reason.
-    spare_out: Mutex<Vec<Vec<u8>>>,
+    spare_out: Spares,
 }
 
 impl Engine {
@@ -63,8 +84,9 @@ impl Engine {
             pool,
             budget: Budget::new(2 * jobs.max(1) + 2),
             compression,
-            spare: Mutex::new(Vec::new()),
-            spare_out: Mutex::new(Vec::new()),
+            // What the budget can have in flight, plus one being filled per layer.
+            spare: Spares::new(2 * jobs.max(1) + 4),
+            spare_out: Spares::new(2 * jobs.max(1) + 4),
         }))
     }
 
@@ -73,27 +95,21 @@ impl Engine {
     }
 
     fn take_buffer(&self) -> Vec<u8> {
-        let spare = self.spare.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        spare.unwrap_or_else(|| vec![0u8; self.segment_capacity()])
-    }
-
-    fn take_out(&self) -> Vec<u8> {
-        self.spare_out.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default()
-    }
-
-    fn give_out(&self, buf: Vec<u8>) {
-        let mut spare = self.spare_out.lock().unwrap_or_else(|p| p.into_inner());
-        if spare.len() < 2 * self.pool.current_num_threads() + 4 {
-            spare.push(buf);
-        }
+        self.spare.take().unwrap_or_else(|| vec![0u8; self.segment_capacity()])
     }
 
     fn give_buffer(&self, buf: Vec<u8>) {
-        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
-        // Keep what the budget can have in flight, plus one being filled per layer.
-        if buf.len() == self.segment_capacity() && spare.len() < 2 * self.pool.current_num_threads() + 4 {
-            spare.push(buf);
+        if buf.len() == self.segment_capacity() {
+            self.spare.give(buf);
         }
+    }
+
+    fn take_out(&self) -> Vec<u8> {
+        self.spare_out.take().unwrap_or_default()
+    }
+
+    fn give_out(&self, buf: Vec<u8>) {
+        self.spare_out.give(buf);
     }
 }
 

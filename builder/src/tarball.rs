@@ -66,7 +66,7 @@ fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-/// Where a [`TarWriter`] writes. File content goes through [`Sink::write_content`], so a
+/// Where a [`TarWriter`] writes. File content goes through [`Sink::copy_content`], so a
 /// sink that hashes its whole stream can hash the content for both hashes in one pass.
 pub trait Sink: Write {
     /// Copy up to `max` (> 0) bytes of a file's content from `r` into the stream, hashing

@@ -118,34 +118,30 @@ pub fn update_both(a: &mut Sha256, b: &mut Sha256, mut data: &[u8]) {
 }
 
 fn compress(state: &mut [u32; 8], blocks: &[u8]) {
+    compress_into(state, None, blocks);
+}
+
+fn compress2(a: &mut [u32; 8], b: &mut [u32; 8], blocks: &[u8]) {
+    compress_into(a, Some(b), blocks);
+}
+
+/// Compress whole blocks into `a`, and into `b` too when given.
+fn compress_into(a: &mut [u32; 8], mut b: Option<&mut [u32; 8]>, blocks: &[u8]) {
     if blocks.is_empty() {
         return;
     }
     #[cfg(target_arch = "x86_64")]
     if ni::available() {
         // SAFETY: the CPU has the features `ni::compress` is compiled for (checked above).
-        unsafe { ni::compress(state, None, blocks) };
-        return;
-    }
-    for block in blocks.chunks_exact(64) {
-        sha2::compress256(state, std::slice::from_ref(GenericArray::from_slice(block)));
-    }
-}
-
-fn compress2(a: &mut [u32; 8], b: &mut [u32; 8], blocks: &[u8]) {
-    if blocks.is_empty() {
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if ni::available() {
-        // SAFETY: as in `compress`.
-        unsafe { ni::compress(a, Some(b), blocks) };
+        unsafe { ni::compress(a, b, blocks) };
         return;
     }
     for block in blocks.chunks_exact(64) {
         let block = std::slice::from_ref(GenericArray::from_slice(block));
         sha2::compress256(a, block);
-        sha2::compress256(b, block);
+        if let Some(b) = b.as_deref_mut() {
+            sha2::compress256(b, block);
+        }
     }
 }
 
