@@ -18,12 +18,11 @@ use crate::layer::Extract;
 use crate::path;
 use crate::plan::{Action, Plan};
 use crate::view::ContentRef;
+use crate::writer::{FileJob, Pool, CHUNK};
 use rustix::fd::OwnedFd;
 use rustix::fs::RenameFlags;
 use sha2::Digest as _;
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// The temporary name of the tree being built for target `name`.
@@ -51,10 +50,8 @@ pub struct Builder<'a> {
     groups: HashMap<ContentRef, Group>,
     /// Which layer [`Extract`] calls are for.
     layer: u32,
-    /// Recently used directories of the new tree, most recent last: a layer's entries
-    /// come in path order, so a directory's files are interleaved with its
-    /// subdirectories' and the same few directories recur.
-    dir_cache: Vec<(String, OwnedFd)>,
+    /// The threads that write file contents.
+    pool: Option<Pool>,
     pub bytes_written: u64,
     pub files_written: u64,
 }
@@ -81,7 +78,7 @@ impl<'a> Builder<'a> {
             live,
             groups: HashMap::new(),
             layer: 0,
-            dir_cache: Vec::new(),
+            pool: None,
             bytes_written: 0,
             files_written: 0,
         })
@@ -92,7 +89,9 @@ impl<'a> Builder<'a> {
     }
 
     /// Remove the unfinished new tree (after an error).
-    pub fn abandon(self) {
+    pub fn abandon(mut self) {
+        // No writer may still create files while the tree is removed.
+        drop(self.pool.take());
         if let Err(e) = fsutil::remove_tree_at(self.parent, &self.tmp) {
             tracing::warn!("{}: cannot remove the unfinished tree: {e}; the next run will", self.tmp_path().display());
         }
@@ -195,89 +194,66 @@ impl<'a> Builder<'a> {
         self
     }
 
-    fn dir_of(&mut self, p: &str) -> Result<&OwnedFd> {
-        const KEEP: usize = 32;
-        let parent = path::parent(p);
-        match self.dir_cache.iter().rposition(|(d, _)| d == parent) {
-            Some(i) if i + 1 == self.dir_cache.len() => {}
-            Some(i) => {
-                let hit = self.dir_cache.remove(i);
-                self.dir_cache.push(hit);
-            }
-            None => {
-                let fd = fsutil::open_dir_beneath(&self.root, parent).map_err(io_at(
-                    &self.tmp_path(),
-                    parent,
-                    "cannot open",
-                ))?;
-                if self.dir_cache.len() == KEEP {
-                    self.dir_cache.remove(0);
-                }
-                self.dir_cache.push((parent.to_string(), fd));
-            }
+    /// The file writers, started on first use.
+    fn pool(&mut self) -> Result<&mut Pool> {
+        if self.pool.is_none() {
+            let tmp_path = self.tmp_path();
+            self.pool = Some(Pool::start(&self.root, &tmp_path)?);
         }
-        match self.dir_cache.last() {
-            Some((_, fd)) => Ok(fd),
-            None => Err(Error::Usage("internal: no directory".into())),
+        match self.pool.as_mut() {
+            Some(p) => Ok(p),
+            None => Err(Error::Usage("internal: no file writers".into())),
         }
     }
 
-    fn create(&mut self, src: ContentRef) -> Result<Option<File>> {
-        let Some(first) = self.groups.get(&src).filter(|g| !g.done).map(|g| g.paths[0].clone()) else {
-            return Ok(None);
+    /// Start writing the content of `src`, if it is still wanted.
+    fn begin(&mut self, src: ContentRef) -> Result<bool> {
+        let Some(g) = self.groups.get(&src).filter(|g| !g.done) else {
+            return Ok(false);
         };
-        let tmp_path = self.tmp_path();
-        let dir = self.dir_of(&first)?;
-        let f = fsutil::create_file_at(dir, path::file_name(&first)).map_err(io_at(
-            &tmp_path,
-            &first,
-            "cannot create file",
-        ))?;
-        Ok(Some(f))
+        let job = FileJob { first: g.paths[0].clone(), others: g.paths[1..].to_vec(), mode: g.mode, mtime: g.mtime };
+        self.pool()?.begin(job)?;
+        Ok(true)
     }
 
-    fn complete(&mut self, src: ContentRef, file: File, sha256: &Sha) -> Result<()> {
-        let tmp_path = self.tmp_path();
-        let Some(g) = self.groups.get(&src) else { return Ok(()) };
-        let (paths, mode, mtime, size, want) = (g.paths.clone(), g.mode, g.mtime, g.size, g.sha256);
-        let first = &paths[0];
-        if &want != sha256 {
-            return Err(Error::Usage(format!("internal: {first} read with another sha256 than planned")));
+    /// The content of `src` was delivered in full and hashed to `sha256`.
+    fn complete(&mut self, src: ContentRef, sha256: &Sha) -> Result<()> {
+        let Some(g) = self.groups.get_mut(&src) else { return Ok(()) };
+        if &g.sha256 != sha256 {
+            return Err(Error::Usage(format!("internal: {} read with another sha256 than planned", g.paths[0])));
         }
-        fsutil::chmod_fd(&file, mode).map_err(io_at(&tmp_path, first, "cannot set mode"))?;
-        fsutil::set_mtime_fd(&file, mtime).map_err(io_at(&tmp_path, first, "cannot set mtime"))?;
-        drop(file);
-        for other in &paths[1..] {
-            let from = fsutil::open_dir_beneath(&self.root, path::parent(first)).map_err(io_at(
-                &tmp_path,
-                first,
-                "cannot open",
-            ))?;
-            let to = self.dir_of(other)?;
-            fsutil::link_at(&from, path::file_name(first), to, path::file_name(other)).map_err(io_at(
-                &tmp_path,
-                other,
-                "cannot hardlink",
-            ))?;
-        }
-        self.bytes_written += size;
+        g.done = true;
+        self.bytes_written += g.size;
         self.files_written += 1;
-        if let Some(g) = self.groups.get_mut(&src) {
-            g.done = true;
-        }
-        Ok(())
+        self.pool()?.end()
     }
 
     /// Write content the caller holds (layer [`ContentRef::INLINE`]).
     pub fn write_inline(&mut self, seq: u32, bytes: &[u8]) -> Result<()> {
         let src = ContentRef { layer: ContentRef::INLINE, seq };
-        let Some(mut f) = self.create(src)? else { return Ok(()) };
-        f.write_all(bytes).map_err(io_at(&self.tmp_path(), "", "cannot write"))?;
+        if !self.begin(src)? {
+            return Ok(());
+        }
+        let parts = bytes.chunks(CHUNK).count();
+        for (i, part) in bytes.chunks(CHUNK).enumerate() {
+            let pool = self.pool()?;
+            let mut buf = pool.buffer()?;
+            buf[..part.len()].copy_from_slice(part);
+            pool.chunk(buf, part.len(), i + 1 == parts)?;
+        }
         let sha: Sha = sha2::Sha256::digest(bytes).into();
-        self.complete(src, f, &sha)
+        self.complete(src, &sha)
     }
 
-    /// Every planned write happened.
+    /// Wait for the writers: every file sent is on disk.
+    pub fn finish_writes(&mut self) -> Result<()> {
+        match self.pool.take() {
+            Some(mut p) => p.finish(),
+            None => Ok(()),
+        }
+    }
+
+    /// Every planned write happened (call [`Builder::finish_writes`] first).
     pub fn check_complete(&self) -> Result<()> {
         match self.groups.values().find(|g| !g.done) {
             None => Ok(()),
@@ -288,7 +264,6 @@ impl<'a> Builder<'a> {
     /// Set directory modes and mtimes (after everything inside them exists), deepest first.
     pub fn finish_dirs(&mut self, plan: &Plan) -> Result<()> {
         let tmp_path = self.tmp_path();
-        self.dir_cache.clear();
         for (k, a) in plan.actions.iter().rev() {
             let (mode, mtime) = match a {
                 Action::Dir { mode, mtime } => (*mode, *mtime),
@@ -329,11 +304,17 @@ impl<'a> Builder<'a> {
 }
 
 impl Extract for Builder<'_> {
-    fn open(&mut self, seq: u32, _entry: &IndexEntry) -> Result<Option<File>> {
-        self.create(ContentRef { layer: self.layer, seq })
+    fn wants(&mut self, seq: u32, _entry: &IndexEntry) -> Result<bool> {
+        self.begin(ContentRef { layer: self.layer, seq })
     }
-    fn done(&mut self, seq: u32, file: File, sha256: &Sha) -> Result<()> {
-        self.complete(ContentRef { layer: self.layer, seq }, file, sha256)
+    fn buffer(&mut self) -> Result<Vec<u8>> {
+        self.pool()?.buffer()
+    }
+    fn chunk(&mut self, buf: Vec<u8>, n: usize, last: bool) -> Result<()> {
+        self.pool()?.chunk(buf, n, last)
+    }
+    fn done(&mut self, seq: u32, sha256: &Sha) -> Result<()> {
+        self.complete(ContentRef { layer: self.layer, seq }, sha256)
     }
 }
 
@@ -353,7 +334,7 @@ fn copy_entry(from: &OwnedFd, to: &OwnedFd, name: &str, ino: u64) -> std::io::Re
     if fsutil::stat_fd(&src)?.ino != ino {
         return Err(std::io::Error::other("the live entry changed while being read"));
     }
-    let mut dst = fsutil::create_file_at(to, name)?;
+    let mut dst = fsutil::create_file_at(to, name, 0o600)?;
     let n = std::io::copy(&mut src, &mut dst)?;
     fsutil::chmod_fd(&dst, st.mode & 0o777)?;
     fsutil::set_mtime_fd(&dst, st.mtime)?;

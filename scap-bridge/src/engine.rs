@@ -285,6 +285,7 @@ pub fn apply(o: &ApplyOptions) -> Result<Summary> {
         if let Some(bytes) = &prov_bytes {
             b.write_inline(0, bytes)?;
         }
+        b.finish_writes()?;
         b.check_complete()?;
         b.finish_dirs(&plan)?;
         Ok((read.len(), read))

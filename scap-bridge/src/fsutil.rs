@@ -152,13 +152,13 @@ pub fn open_file_at(dir: impl AsFd, name: &str) -> io::Result<File> {
     Ok(File::from(fd))
 }
 
-/// Create the new file `name` in `dir` (which must not exist) with mode 0600.
-pub fn create_file_at(dir: impl AsFd, name: &str) -> io::Result<File> {
+/// Create the new file `name` in `dir` (which must not exist) with `mode` (less the umask).
+pub fn create_file_at(dir: impl AsFd, name: &str, mode: u32) -> io::Result<File> {
     let fd = rustix::fs::openat(
         dir,
         name,
         OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::from_raw_mode(0o600),
+        Mode::from_raw_mode(mode & 0o777),
     )?;
     Ok(File::from(fd))
 }
@@ -343,7 +343,7 @@ mod tests {
         assert!(open_dir_beneath(&root, "d/dotdot").is_err());
         assert!(open_dir_beneath(&root, "..").is_err());
         let d = open_dir_beneath(&root, "d")?;
-        assert!(create_file_at(&d, "up").is_err(), "O_EXCL|O_NOFOLLOW must not open through a symlink");
+        assert!(create_file_at(&d, "up", 0o600).is_err(), "O_EXCL|O_NOFOLLOW must not open through a symlink");
         remove_tree_at(&root, "d")?;
         assert!(!t.path().join("d").exists());
         Ok(())

@@ -11,25 +11,38 @@ use crate::image::LayerRef;
 use crate::index::{classify, EntryKind, IndexEntry, LayerIndex, Sha};
 use crate::tar::{TarError, TarReader};
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::Path;
 
-/// Where wanted file contents go.
+/// Where wanted file contents go: for a wanted entry, [`Extract::wants`], then its content
+/// in buffers handed out by [`Extract::buffer`] and given back filled through
+/// [`Extract::chunk`], then [`Extract::done`] once the content is checked.
 pub trait Extract {
-    /// A file to write the content of file entry `seq` into, or `None` if it is not wanted.
-    fn open(&mut self, seq: u32, entry: &IndexEntry) -> Result<Option<File>>;
-    /// The content of `seq` was written in full; `sha256` is what was read.
-    fn done(&mut self, seq: u32, file: File, sha256: &Sha) -> Result<()>;
+    /// Whether the content of file entry `seq` is wanted (its delivery starts if so).
+    fn wants(&mut self, seq: u32, entry: &IndexEntry) -> Result<bool>;
+    /// An empty buffer for the next piece of content.
+    fn buffer(&mut self) -> Result<Vec<u8>>;
+    /// The first `n` bytes of `buf` are the next content of the wanted entry; `last` if
+    /// nothing follows.
+    fn chunk(&mut self, buf: Vec<u8>, n: usize, last: bool) -> Result<()>;
+    /// The content of `seq` was delivered in full; `sha256` is what was read.
+    fn done(&mut self, seq: u32, sha256: &Sha) -> Result<()>;
 }
 
 /// Wants nothing: reading only verifies and indexes.
 pub struct NoExtract;
 
 impl Extract for NoExtract {
-    fn open(&mut self, _: u32, _: &IndexEntry) -> Result<Option<File>> {
-        Ok(None)
+    fn wants(&mut self, _: u32, _: &IndexEntry) -> Result<bool> {
+        Ok(false)
     }
-    fn done(&mut self, _: u32, _: File, _: &Sha) -> Result<()> {
+    fn buffer(&mut self) -> Result<Vec<u8>> {
+        Ok(Vec::new())
+    }
+    fn chunk(&mut self, _: Vec<u8>, _: usize, _: bool) -> Result<()> {
+        Ok(())
+    }
+    fn done(&mut self, _: u32, _: &Sha) -> Result<()> {
         Ok(())
     }
 }
@@ -92,27 +105,49 @@ fn entries(job: &Job<'_>, tar: &mut TarReader<LayerStream>, extract: &mut dyn Ex
         let mut e = classify(&h).map_err(|(name, r)| refuse(name, r))?;
         let seq = u32::try_from(out.len()).unwrap_or(u32::MAX);
         if matches!(e.kind, EntryKind::File { .. }) {
-            let mut file = extract.open(seq, &e)?;
+            let wanted = extract.wants(seq, &e)?;
             let mut hasher = oci_core::sha256::Sha256::new();
-            loop {
-                let n = tar
+            if wanted {
+                // Each buffer is filled before it goes, so a small file is one piece.
+                let mut left = match e.kind {
+                    EntryKind::File { size, .. } => size,
+                    _ => 0,
+                };
+                while left > 0 {
+                    let mut b = extract.buffer()?;
+                    if b.is_empty() {
+                        return Err(Error::Usage("internal: an empty content buffer".into()));
+                    }
+                    let want = b.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    let mut n = 0;
+                    while n < want {
+                        let k = tar
+                            .read_with(&mut b[n..want], |s, b| s.read_content(b, &mut hasher))
+                            .map_err(|err| tar_err(TarError::Io(err)))?;
+                        if k == 0 {
+                            return Err(tar_err(TarError::Io(std::io::ErrorKind::UnexpectedEof.into())));
+                        }
+                        n += k;
+                    }
+                    left -= n as u64;
+                    extract.chunk(b, n, left == 0)?;
+                }
+            } else {
+                while tar
                     .read_with(&mut buf, |s, b| s.read_content(b, &mut hasher))
-                    .map_err(|err| tar_err(TarError::Io(err)))?;
-                if n == 0 {
-                    break;
-                }
-                if let Some(f) = file.as_mut() {
-                    f.write_all(&buf[..n]).map_err(Error::io(&e.path, "cannot write extracted file"))?;
-                }
+                    .map_err(|err| tar_err(TarError::Io(err)))?
+                    > 0
+                {}
             }
             let digest: Sha = hasher.finalize();
             if let EntryKind::File { sha256, .. } = &mut e.kind {
                 *sha256 = digest;
             }
-            if let Some(f) = file {
-                // Checked before the content is used: a lying TOC never leaves a wrong file.
+            if wanted {
+                // Checked before the file is finished: a lying TOC fails the run, and
+                // with it the hidden tree the file is in.
                 check_expected(job, seq, &e)?;
-                extract.done(seq, f, &digest)?;
+                extract.done(seq, &digest)?;
             }
         }
         check_expected(job, seq, &e)?;

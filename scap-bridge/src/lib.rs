@@ -51,5 +51,6 @@ pub mod tar;
 pub mod testing;
 pub mod verify;
 pub mod view;
+pub mod writer;
 
 pub use error::{Error, Refusal, Result};
