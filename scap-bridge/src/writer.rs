@@ -40,13 +40,16 @@ pub struct FileJob {
     pub mtime: Time,
 }
 
+/// Content held in one buffer: the buffer and how many of its bytes count.
+type Held = Option<(Vec<u8>, usize)>;
+
 enum Msg {
     Begin(Box<FileJob>),
     /// The next `.1` bytes of the current file.
     Chunk(Vec<u8>, usize),
     End,
     /// A file whose content fits one buffer, in one message (most files).
-    Whole(Box<FileJob>, Option<(Vec<u8>, usize)>),
+    Whole(Box<FileJob>, Held),
 }
 
 struct Shared {
@@ -68,7 +71,7 @@ pub struct Pool {
     current: Option<usize>,
     /// A file not sent yet: until its content turns out to need more than one buffer, it
     /// is held to go as one [`Msg::Whole`].
-    pending: Option<(Box<FileJob>, Option<(Vec<u8>, usize)>)>,
+    pending: Option<(Box<FileJob>, Held)>,
     shared: Arc<Shared>,
 }
 
