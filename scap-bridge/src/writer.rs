@@ -361,3 +361,92 @@ fn read_umask() -> Option<u32> {
     let line = s.lines().find_map(|l| l.strip_prefix("Umask:"))?;
     u32::from_str_radix(line.trim(), 8).ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn pool_in(dir: &Path) -> (OwnedFd, Pool) {
+        let root = fsutil::open_dir_path(dir).expect("open");
+        let pool = Pool::start(&root, dir).expect("start");
+        (root, pool)
+    }
+
+    fn job(first: &str, others: &[&str], mode: u32) -> FileJob {
+        FileJob {
+            first: first.into(),
+            others: others.iter().map(|s| s.to_string()).collect(),
+            mode,
+            mtime: Time { sec: 1_600_000_000, nsec: 5 },
+        }
+    }
+
+    /// Deliver `content` as the layer reader does: buffers filled in turn, `last` on the last.
+    fn deliver(pool: &mut Pool, j: FileJob, content: &[u8]) {
+        pool.begin(j).expect("begin");
+        let mut rest = content;
+        while !rest.is_empty() {
+            let mut b = pool.buffer().expect("buffer");
+            let n = b.len().min(rest.len());
+            b[..n].copy_from_slice(&rest[..n]);
+            rest = &rest[n..];
+            pool.chunk(b, n, rest.is_empty()).expect("chunk");
+        }
+        pool.end().expect("end");
+    }
+
+    #[test]
+    fn files_of_every_size_arrive_whole_with_mode_mtime_and_links() {
+        let t = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(t.path().join("d")).expect("mkdir");
+        let (_root, mut pool) = pool_in(t.path());
+        let big: Vec<u8> = (0..CHUNK * 3 + 17).map(|i| (i % 251) as u8).collect();
+        let exact: Vec<u8> = vec![7u8; CHUNK];
+        deliver(&mut pool, job("empty", &[], 0o640), b"");
+        deliver(&mut pool, job("d/small", &["d/small-link", "small-link"], 0o755), b"hello");
+        deliver(&mut pool, job("d/big", &[], 0o600), &big);
+        deliver(&mut pool, job("exact", &[], 0o644), &exact);
+        // More files than the queues and buffers hold, so buffers must come back.
+        for i in 0..200 {
+            deliver(&mut pool, job(&format!("d/f{i}"), &[], 0o644), format!("file {i}").as_bytes());
+        }
+        pool.finish().expect("finish");
+        let p = t.path();
+        assert_eq!(std::fs::read(p.join("empty")).expect("read"), b"");
+        assert_eq!(std::fs::read(p.join("d/small")).expect("read"), b"hello");
+        assert_eq!(std::fs::read(p.join("d/big")).expect("read"), big);
+        assert_eq!(std::fs::read(p.join("exact")).expect("read"), exact);
+        assert_eq!(std::fs::read(p.join("d/f199")).expect("read"), b"file 199");
+        let small = std::fs::metadata(p.join("d/small")).expect("stat");
+        assert_eq!(small.mode() & 0o7777, 0o755);
+        assert_eq!((small.mtime(), small.mtime_nsec()), (1_600_000_000, 5));
+        assert_eq!(small.nlink(), 3);
+        assert_eq!(std::fs::metadata(p.join("small-link")).expect("stat").ino(), small.ino());
+        assert_eq!(std::fs::metadata(p.join("empty")).expect("stat").mode() & 0o7777, 0o640);
+    }
+
+    #[test]
+    fn a_failed_write_is_reported_by_path_and_never_blocks_the_sender() {
+        let t = tempfile::tempdir().expect("tempdir");
+        std::fs::write(t.path().join("taken"), b"old").expect("write");
+        let (_root, mut pool) = pool_in(t.path());
+        pool.begin(job("taken", &[], 0o644)).expect("begin");
+        let b = pool.buffer().expect("buffer");
+        // Not the last piece: the file is created at once, and that fails (O_EXCL).
+        pool.chunk(b, 10, false).expect("the first chunk is queued");
+        // Keep sending until the failure is seen; the writers drain and give buffers back.
+        let mut seen = None;
+        for _ in 0..10_000 {
+            let r = pool.buffer().and_then(|b| pool.chunk(b, CHUNK, false));
+            if let Err(e) = r {
+                seen = Some(e);
+                break;
+            }
+        }
+        let e = seen.expect("the failure reaches the sender");
+        let msg = e.to_string();
+        assert!(msg.contains("taken") && msg.contains("cannot create file"), "{msg}");
+        assert_eq!(std::fs::read(t.path().join("taken")).expect("read"), b"old", "the existing file is untouched");
+    }
+}
