@@ -24,7 +24,7 @@ use std::thread::JoinHandle;
 
 const CHUNK: usize = 256 * 1024;
 /// Chunks in flight between the producer and the consumer.
-const CHANNEL_DEPTH: usize = 8;
+pub const CHANNEL_DEPTH: usize = 8;
 
 /// Bounds on what a layer may expand to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,6 +137,7 @@ fn produce(
     size: u64,
     limit: u64,
     tx: &std::sync::mpsc::SyncSender<io::Result<Vec<u8>>>,
+    spare: &Receiver<Vec<u8>>,
 ) -> Result<Verified, StreamError> {
     let counting = Counting { r: file, h: Hasher::new(), expected: size };
     let inner = BufReader::with_capacity(CHUNK, counting);
@@ -156,7 +157,9 @@ fn produce(
         None => StreamError::Thread,
     };
     loop {
-        let mut chunk = vec![0u8; CHUNK];
+        // Chunks the consumer is done with come back: no allocation or page faults per chunk.
+        let mut chunk = spare.try_recv().unwrap_or_default();
+        chunk.resize(CHUNK, 0);
         let mut filled = 0;
         while filled < CHUNK {
             match dec.read(&mut chunk[filled..]) {
@@ -196,6 +199,8 @@ fn produce(
 /// The decompressed content of a layer blob; see the module docs.
 pub struct LayerStream {
     rx: Option<Receiver<io::Result<Vec<u8>>>>,
+    /// Where consumed chunks go back to the producer.
+    back: std::sync::mpsc::Sender<Vec<u8>>,
     cur: Vec<u8>,
     pos: usize,
     failed: bool,
@@ -217,12 +222,19 @@ pub struct Expect {
 impl LayerStream {
     /// Start reading the blob at `path`.
     pub fn open(path: &Path, expect: &Expect, limits: &Limits) -> io::Result<LayerStream> {
+        Self::open_ahead(path, expect, limits, CHANNEL_DEPTH)
+    }
+
+    /// Start reading the blob at `path`, with up to `depth` chunks decompressed ahead of
+    /// the consumer (a stream opened early, while the consumer is busy elsewhere).
+    pub fn open_ahead(path: &Path, expect: &Expect, limits: &Limits, depth: usize) -> io::Result<LayerStream> {
         let file = File::open(path)?;
-        let (tx, rx) = sync_channel(CHANNEL_DEPTH);
+        let (tx, rx) = sync_channel(depth.max(1));
+        let (back, spare) = std::sync::mpsc::channel();
         let e = expect.clone();
         let limit = limits.bound(expect.size);
         let handle = std::thread::Builder::new().name("layer-reader".into()).spawn(move || {
-            let r = produce(file, e.compression, &e.digest, e.size, limit, &tx);
+            let r = produce(file, e.compression, &e.digest, e.size, limit, &tx, &spare);
             if let Err(err) = &r {
                 // Tell the consumer why the stream stops; it may be blocked in read().
                 let _ = tx.send(Err(io::Error::other(err.to_string())));
@@ -231,6 +243,7 @@ impl LayerStream {
         })?;
         Ok(LayerStream {
             rx: Some(rx),
+            back,
             cur: Vec::new(),
             pos: 0,
             failed: false,
@@ -279,7 +292,10 @@ impl LayerStream {
             let Some(rx) = &self.rx else { return Ok(0) };
             match rx.recv() {
                 Ok(Ok(chunk)) => {
-                    self.cur = chunk;
+                    let done = std::mem::replace(&mut self.cur, chunk);
+                    if done.capacity() > 0 {
+                        let _ = self.back.send(done);
+                    }
                     self.pos = 0;
                 }
                 Ok(Err(e)) => {

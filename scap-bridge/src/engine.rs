@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::fsutil::{self, FsKind, Time};
 use crate::image::{LayerRef, ResolvedImage};
 use crate::index::{self, LayerIndex};
-use crate::layer::{read_layer, Job, NoExtract};
+use crate::layer::{open_layer, read_layer, read_opened, Job, NoExtract};
 use crate::lock::Lock;
 use crate::path::PathKey;
 use crate::plan::{self, in_scap_region, Counts, Modes};
@@ -155,6 +155,28 @@ fn read_one(
     Ok((idx, v.uncompressed))
 }
 
+/// Chunks (256 KiB) the first layer to read may decompress ahead while the skeleton of
+/// the new tree is made.
+const FIRST_AHEAD: usize = 128;
+
+/// A layer whose decompression was started ahead of its turn.
+struct Ahead {
+    number: usize,
+    blob: crate::source::LocalBlob,
+    stream: crate::blob::LayerStream,
+    limits: Limits,
+}
+
+/// Start decompressing layer `i`, within what is left of the run's byte budget.
+fn start_layer(src: &Source, i: usize, l: &LayerRef, o: &ImageOptions, spent: u64, depth: usize) -> Result<Ahead> {
+    let blob = src.layer_blob(l)?;
+    let mut limits = o.limits;
+    limits.max_layer_bytes = limits.max_layer_bytes.min(o.max_total_bytes.saturating_sub(spent));
+    let job = Job { number: i, layer: l, blob: &blob.path, expected: None };
+    let stream = open_layer(&job, &limits, depth)?;
+    Ok(Ahead { number: i, blob, stream, limits })
+}
+
 /// The final view of `o.subpath`.
 pub(crate) fn build_view(img: &ResolvedImage, idx: &Indexed, o: &ImageOptions) -> Result<View> {
     let mut vb = ViewBuilder::new(&o.subpath);
@@ -264,22 +286,51 @@ pub fn apply(o: &ApplyOptions) -> Result<Summary> {
     tracing::debug!("{:?}: planned {:?}", t0.elapsed(), plan.counts);
     summary.counts = plan.counts;
 
+    // The layers to read: those with content to write, and those known only from a TOC.
+    let wanted: std::collections::BTreeSet<usize> = plan
+        .actions
+        .values()
+        .filter_map(|a| match a {
+            plan::Action::Write { src, .. } if src.layer != ContentRef::INLINE => Some(src.layer as usize),
+            _ => None,
+        })
+        .collect();
+    let order: Vec<usize> = (0..img.layers.len()).filter(|i| !indexed.verified[*i] || wanted.contains(i)).collect();
     let mut b = Builder::start(&parent, &parent_path, &name, live_root.as_ref())?;
     let built = (|| -> Result<(usize, Vec<(usize, LayerIndex)>)> {
+        // The first layer decompresses while the skeleton is made.
+        let mut spent = indexed.bytes_read;
+        let mut ahead = match order.first() {
+            Some(&i) => Some(start_layer(&src, i, &img.layers[i], &o.image, spent, FIRST_AHEAD)?),
+            None => None,
+        };
         b.skeleton(&plan)?;
         tracing::debug!("{:?}: built the skeleton", t0.elapsed());
-        let needed = b.layers_needed();
         let mut read = Vec::new();
-        let mut spent = indexed.bytes_read;
-        for (i, l) in img.layers.iter().enumerate() {
-            let li = u32::try_from(i).unwrap_or(u32::MAX);
-            if indexed.verified[i] && !needed.contains(&li) {
-                continue;
+        for (k, _) in order.iter().enumerate() {
+            let Some(cur) = ahead.take() else { break };
+            // The next layer decompresses while this one is parsed and written.
+            if let Some(&j) = order.get(k + 1) {
+                ahead = Some(start_layer(&src, j, &img.layers[j], &o.image, spent, crate::blob::CHANNEL_DEPTH)?);
             }
+            let i = cur.number;
+            let l = &img.layers[i];
+            let li = u32::try_from(i).unwrap_or(u32::MAX);
             let expected = (!indexed.verified[i]).then(|| &indexed.indexes[i]);
-            let (idx, n) = read_one(&src, i, l, expected, &o.image, spent, b.for_layer(li))?;
-            spent += n;
-            tracing::debug!("{:?}: read layer {i}", t0.elapsed());
+            let job = Job { number: i, layer: l, blob: &cur.blob.path, expected };
+            let (idx, v) = read_opened(&job, cur.stream, &cur.limits, b.for_layer(li))?;
+            spent += v.uncompressed;
+            if spent > o.image.max_total_bytes {
+                return Err(Error::Layer {
+                    layer: i,
+                    digest: l.digest.clone(),
+                    what: format!(
+                        "the layers expand to more than {} bytes in all (see --max-total-bytes)",
+                        o.image.max_total_bytes
+                    ),
+                });
+            }
+            tracing::debug!("{:?}: read layer {i} ({} → {} bytes)", t0.elapsed(), v.compressed, v.uncompressed);
             read.push((i, idx));
         }
         if let Some(bytes) = &prov_bytes {
@@ -307,6 +358,7 @@ pub fn apply(o: &ApplyOptions) -> Result<Summary> {
         state.save_layer(&img.layers[*i].digest, idx)?;
     }
     summary.layers_read = indexed.layers_read + n_read;
+    tracing::debug!("{:?}: saved the layer indexes", t0.elapsed());
 
     // The tree is in place: failing to record it only costs time on the next run.
     if let Err(e) = record(&state, &parent, &target, &name, &view, o, &summary.manifest_digest, &fp) {
@@ -338,6 +390,7 @@ fn record(
     let regions = o.scap_regions;
     let scanned =
         fsutil::scan_tree(&root, &|p| regions && in_scap_region(p)).map_err(Error::io(target, "cannot read"))?;
+    tracing::debug!("scanned the new tree");
     let mut ts = TreeState { manifest: manifest.to_string(), fingerprint: fp.to_string(), entries: Vec::new() };
     // In walk order, as the record must be.
     for (k, e) in scanned {

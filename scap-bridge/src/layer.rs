@@ -59,14 +59,30 @@ const BUF: usize = 256 * 1024;
 
 /// Read, verify and index a layer, extracting what `extract` wants.
 pub fn read_layer(job: &Job<'_>, limits: &Limits, extract: &mut dyn Extract) -> Result<(LayerIndex, Verified)> {
+    let stream = open_layer(job, limits, crate::blob::CHANNEL_DEPTH)?;
+    read_opened(job, stream, limits, extract)
+}
+
+/// Start decompressing a layer, up to `depth` chunks ahead of its reader.
+pub fn open_layer(job: &Job<'_>, limits: &Limits, depth: usize) -> Result<LayerStream> {
     let l = job.layer;
     let expect =
         Expect { digest: l.digest.clone(), size: l.size, diff_id: l.diff_id.clone(), compression: l.compression };
-    let stream = LayerStream::open(job.blob, &expect, limits).map_err(|source| Error::Read {
+    LayerStream::open_ahead(job.blob, &expect, limits, depth).map_err(|source| Error::Read {
         layer: job.number,
         digest: l.digest.clone(),
         source,
-    })?;
+    })
+}
+
+/// [`read_layer`] on a stream [`open_layer`] started.
+pub fn read_opened(
+    job: &Job<'_>,
+    stream: LayerStream,
+    limits: &Limits,
+    extract: &mut dyn Extract,
+) -> Result<(LayerIndex, Verified)> {
+    let l = job.layer;
     let mut tar = TarReader::new(stream, limits.max_entries);
     match entries(job, &mut tar, extract) {
         Ok(entries) => {
