@@ -471,3 +471,38 @@ fn compression_bombs_are_bounded() -> R {
     assert!(apply(&o).is_err_and(|e| e.to_string().contains("expands to more than")));
     Ok(())
 }
+
+#[test]
+fn the_total_bound_holds_over_layers_read_ahead() -> R {
+    // Without TOCs the layers are read twice (indexed, then extracted): 2.8 MiB in all.
+    // The second extraction starts while the first is parsed, when only 2.1 MiB are spent,
+    // so the total must be checked once each layer is done too.
+    let t = tmp();
+    let part = vec![1u8; 700 << 10];
+    let img = TestImage::new()
+        .layer(&base_tar(), Compress::Gzip)
+        .layer(
+            &layer(|t| {
+                t.file(&p("one"), 0o644, &part);
+            }),
+            Compress::Zstd,
+        )
+        .layer(
+            &layer(|t| {
+                t.file(&p("two"), 0o644, &part);
+            }),
+            Compress::Zstd,
+        );
+    img.write(&t.path().join("img"), "v")?;
+    let staging = t.path().join("staging");
+    std::fs::create_dir_all(&staging)?;
+    let mut o = prep_options(&oci(&t.path().join("img"), "v"), "1.0", &staging, &t.path().join("state"));
+    o.image.max_total_bytes = 5 << 19;
+    let e = apply(&o).map(|_| ()).map_err(|e| e.to_string());
+    assert!(e.as_ref().is_err_and(|m| m.contains("more than 2621440 bytes in all")), "{e:?}");
+    assert!(!staging.join("php-1.0").exists());
+    o.image.max_total_bytes = 4 << 20;
+    apply(&o)?;
+    assert_eq!(std::fs::read(staging.join("php-1.0/two"))?, part);
+    Ok(())
+}
