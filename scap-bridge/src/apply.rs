@@ -98,84 +98,68 @@ impl<'a> Builder<'a> {
     }
 
     /// Create directories, links, symlinks and carried-over entries; remember the writes.
+    /// The entries of the first two levels are made first; then the subtrees below them, on
+    /// two threads (creating thousands of directories is kernel work that one thread would
+    /// otherwise do alone).
     pub fn skeleton(&mut self, plan: &Plan) -> Result<()> {
-        let tmp_path = self.tmp_path();
-        let live_path = self.parent_path.join(self.name);
-        let mut stack: Vec<(String, OwnedFd)> = Vec::new();
-        let mut live_dir: Option<(String, OwnedFd)> = None;
-        let mut copied = 0u64;
+        let mut top: Vec<(&str, &Action)> = Vec::new();
+        let mut below: Vec<Vec<(&str, &Action)>> = Vec::new();
+        let mut last_top: Option<&str> = None;
         for (k, action) in &plan.actions {
             let p = k.as_str();
             if p.is_empty() {
                 continue;
             }
-            let (parent, name) = (path::parent(p), path::file_name(p));
-            while stack.last().is_some_and(|(d, _)| d != parent) {
-                stack.pop();
+            if let Action::Write { src, mode, mtime, size, sha256 } = action {
+                let g = self.groups.entry(*src).or_insert_with(|| Group {
+                    paths: Vec::new(),
+                    mode: *mode,
+                    mtime: *mtime,
+                    size: *size,
+                    sha256: *sha256,
+                    done: false,
+                });
+                g.paths.push(p.to_string());
+                g.mtime = g.mtime.max(*mtime);
+                continue;
             }
-            let here: &OwnedFd = match stack.last() {
-                Some((_, fd)) => fd,
-                None if parent.is_empty() => &self.root,
-                None => return Err(Error::Usage(format!("internal: {p} planned before its parent"))),
-            };
-            let err = |what| io_at(&tmp_path, p, what);
-            let mut link_from_live = |ino: u64| -> Result<()> {
-                let live =
-                    self.live.ok_or_else(|| Error::Usage(format!("internal: {p} linked without a live tree")))?;
-                if live_dir.as_ref().is_none_or(|(d, _)| d != parent) {
-                    let fd =
-                        fsutil::open_dir_beneath(live, parent).map_err(io_at(&live_path, parent, "cannot open"))?;
-                    live_dir = Some((parent.to_string(), fd));
-                }
-                let Some((_, lfd)) = &live_dir else { return Ok(()) };
-                match fsutil::link_at(lfd, name, here, name) {
-                    Ok(()) => {
-                        let st = fsutil::stat_at(here, name).map_err(err("cannot stat"))?;
-                        if st.map(|s| s.ino) != Some(ino) {
-                            return Err(Error::Raced { path: live_path.join(p) });
-                        }
-                        Ok(())
+            // Entries two levels down or less are made first; the subtrees below them are
+            // shared out (one top-level directory, `vendor`, often holds most of the tree).
+            let second = p.match_indices('/').nth(1).map(|(i, _)| &p[..i]);
+            match second {
+                None => top.push((p, action)),
+                Some(first) => {
+                    if last_top != Some(first) {
+                        below.push(Vec::new());
+                        last_top = Some(first);
                     }
-                    // fs.protected_hardlinks: another deployer's file we may not link.
-                    Err(e) if e.raw_os_error() == Some(rustix::io::Errno::PERM.raw_os_error()) => {
-                        let n = copy_entry(lfd, here, name, ino).map_err(err("cannot copy from the live tree"))?;
-                        copied += n;
-                        Ok(())
+                    if let Some(v) = below.last_mut() {
+                        v.push((p, action));
                     }
-                    Err(e) => Err(err("cannot hardlink from the live tree")(e)),
-                }
-            };
-            match action {
-                Action::Dir { .. } => {
-                    fsutil::mkdir_at(here, name).map_err(err("cannot create directory"))?;
-                    let fd = fsutil::open_dir_beneath(here, name).map_err(err("cannot open directory"))?;
-                    stack.push((p.to_string(), fd));
-                }
-                Action::Carry(e) if e.stat.kind == FsKind::Dir => {
-                    fsutil::mkdir_at(here, name).map_err(err("cannot create directory"))?;
-                    let fd = fsutil::open_dir_beneath(here, name).map_err(err("cannot open directory"))?;
-                    stack.push((p.to_string(), fd));
-                }
-                Action::Link { ino } => link_from_live(*ino)?,
-                Action::Carry(e) => link_from_live(e.stat.ino)?,
-                Action::Symlink { target, mtime } => {
-                    fsutil::symlink_at(target, here, name).map_err(err("cannot create symlink"))?;
-                    fsutil::set_symlink_mtime_at(here, name, *mtime).map_err(err("cannot set mtime"))?;
-                }
-                Action::Write { src, mode, mtime, size, sha256 } => {
-                    let g = self.groups.entry(*src).or_insert_with(|| Group {
-                        paths: Vec::new(),
-                        mode: *mode,
-                        mtime: *mtime,
-                        size: *size,
-                        sha256: *sha256,
-                        done: false,
-                    });
-                    g.paths.push(p.to_string());
-                    g.mtime = g.mtime.max(*mtime);
                 }
             }
         }
+        let tmp_path = self.tmp_path();
+        let live_path = self.parent_path.join(self.name);
+        let ctx = Skeleton { root: &self.root, live: self.live, tmp_path: &tmp_path, live_path: &live_path };
+        let mut copied = ctx.make(&top)?;
+        // Two shares of about the same number of entries, each a run of whole subtrees.
+        let total: usize = below.iter().map(Vec::len).sum();
+        let mut split = 0;
+        let mut acc = 0;
+        while split < below.len() && acc * 2 < total {
+            acc += below[split].len();
+            split += 1;
+        }
+        let (a, b) = below.split_at(split);
+        let (ra, rb) = std::thread::scope(|s| {
+            let other = s.spawn(|| b.iter().try_fold(0u64, |n, t| Ok::<_, Error>(n + ctx.make(t)?)));
+            let here = a.iter().try_fold(0u64, |n, t| Ok::<_, Error>(n + ctx.make(t)?));
+            let there =
+                other.join().unwrap_or_else(|_| Err(Error::Usage("internal: a skeleton thread panicked".into())));
+            (here, there)
+        });
+        copied += ra? + rb?;
         self.bytes_written += copied;
         Ok(())
     }
@@ -315,6 +299,98 @@ impl Extract for Builder<'_> {
     }
     fn done(&mut self, seq: u32, sha256: &Sha) -> Result<()> {
         self.complete(ContentRef { layer: self.layer, seq }, sha256)
+    }
+}
+
+/// What making entries of the new tree needs (shared by the skeleton's threads).
+struct Skeleton<'a> {
+    root: &'a OwnedFd,
+    live: Option<&'a OwnedFd>,
+    tmp_path: &'a Path,
+    live_path: &'a Path,
+}
+
+impl Skeleton<'_> {
+    /// Make `actions` (in path order; every parent either among them, before its
+    /// children, or already made). Returns the bytes copied from the live tree.
+    fn make(&self, actions: &[(&str, &Action)]) -> Result<u64> {
+        let tmp_path = self.tmp_path;
+        let live_path = self.live_path;
+        let mut stack: Vec<(String, OwnedFd)> = Vec::new();
+        let mut opened: Option<(String, OwnedFd)> = None;
+        let mut live_dir: Option<(String, OwnedFd)> = None;
+        let mut copied = 0u64;
+        for &(p, action) in actions {
+            let (parent, name) = (path::parent(p), path::file_name(p));
+            while stack.last().is_some_and(|(d, _)| d != parent) {
+                stack.pop();
+            }
+            let here: &OwnedFd = match stack.last() {
+                Some((_, fd)) => fd,
+                None if parent.is_empty() => self.root,
+                None => {
+                    // A subtree's first entry: its parent was made before.
+                    if opened.as_ref().is_none_or(|(d, _)| d != parent) {
+                        let fd = fsutil::open_dir_beneath(self.root, parent).map_err(io_at(
+                            tmp_path,
+                            parent,
+                            "cannot open",
+                        ))?;
+                        opened = Some((parent.to_string(), fd));
+                    }
+                    match &opened {
+                        Some((_, fd)) => fd,
+                        None => return Err(Error::Usage(format!("internal: {p} planned before its parent"))),
+                    }
+                }
+            };
+            let err = |what| io_at(tmp_path, p, what);
+            let mut link_from_live = |ino: u64| -> Result<()> {
+                let live =
+                    self.live.ok_or_else(|| Error::Usage(format!("internal: {p} linked without a live tree")))?;
+                if live_dir.as_ref().is_none_or(|(d, _)| d != parent) {
+                    let fd = fsutil::open_dir_beneath(live, parent).map_err(io_at(live_path, parent, "cannot open"))?;
+                    live_dir = Some((parent.to_string(), fd));
+                }
+                let Some((_, lfd)) = &live_dir else { return Ok(()) };
+                match fsutil::link_at(lfd, name, here, name) {
+                    Ok(()) => {
+                        let st = fsutil::stat_at(here, name).map_err(err("cannot stat"))?;
+                        if st.map(|s| s.ino) != Some(ino) {
+                            return Err(Error::Raced { path: live_path.join(p) });
+                        }
+                        Ok(())
+                    }
+                    // fs.protected_hardlinks: another deployer's file we may not link.
+                    Err(e) if e.raw_os_error() == Some(rustix::io::Errno::PERM.raw_os_error()) => {
+                        let n = copy_entry(lfd, here, name, ino).map_err(err("cannot copy from the live tree"))?;
+                        copied += n;
+                        Ok(())
+                    }
+                    Err(e) => Err(err("cannot hardlink from the live tree")(e)),
+                }
+            };
+            match action {
+                Action::Dir { .. } => {
+                    fsutil::mkdir_at(here, name).map_err(err("cannot create directory"))?;
+                    let fd = fsutil::open_dir_beneath(here, name).map_err(err("cannot open directory"))?;
+                    stack.push((p.to_string(), fd));
+                }
+                Action::Carry(e) if e.stat.kind == FsKind::Dir => {
+                    fsutil::mkdir_at(here, name).map_err(err("cannot create directory"))?;
+                    let fd = fsutil::open_dir_beneath(here, name).map_err(err("cannot open directory"))?;
+                    stack.push((p.to_string(), fd));
+                }
+                Action::Link { ino } => link_from_live(*ino)?,
+                Action::Carry(e) => link_from_live(e.stat.ino)?,
+                Action::Symlink { target, mtime } => {
+                    fsutil::symlink_at(target, here, name).map_err(err("cannot create symlink"))?;
+                    fsutil::set_symlink_mtime_at(here, name, *mtime).map_err(err("cannot set mtime"))?;
+                }
+                Action::Write { .. } => {}
+            }
+        }
+        Ok(copied)
     }
 }
 
