@@ -56,7 +56,7 @@ pub struct Builder<'a> {
     pub files_written: u64,
 }
 
-fn io_at(base: &Path, rel: &str, what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+pub(crate) fn io_at(base: &Path, rel: &str, what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     Error::io(if rel.is_empty() { base.to_path_buf() } else { base.join(rel) }, what)
 }
 
@@ -104,7 +104,7 @@ impl<'a> Builder<'a> {
     pub fn skeleton(&mut self, plan: &Plan) -> Result<()> {
         let mut top: Vec<(&str, &Action)> = Vec::new();
         let mut below: Vec<Vec<(&str, &Action)>> = Vec::new();
-        let mut last_top: Option<&str> = None;
+        let mut last_group: Option<&str> = None;
         for (k, action) in &plan.actions {
             let p = k.as_str();
             if p.is_empty() {
@@ -128,10 +128,10 @@ impl<'a> Builder<'a> {
             let second = p.match_indices('/').nth(1).map(|(i, _)| &p[..i]);
             match second {
                 None => top.push((p, action)),
-                Some(first) => {
-                    if last_top != Some(first) {
+                Some(group) => {
+                    if last_group != Some(group) {
                         below.push(Vec::new());
-                        last_top = Some(first);
+                        last_group = Some(group);
                     }
                     if let Some(v) = below.last_mut() {
                         v.push((p, action));
@@ -162,14 +162,6 @@ impl<'a> Builder<'a> {
         copied += ra? + rb?;
         self.bytes_written += copied;
         Ok(())
-    }
-
-    /// Layers that still have content to deliver.
-    pub fn layers_needed(&self) -> Vec<u32> {
-        let mut v: Vec<u32> = self.groups.iter().filter(|(_, g)| !g.done).map(|(k, _)| k.layer).collect();
-        v.sort_unstable();
-        v.dedup();
-        v
     }
 
     /// Direct the next [`Extract`] calls at layer `layer`.

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::fsutil::{self, FsKind, Time};
 use crate::image::{LayerRef, ResolvedImage};
 use crate::index::{self, LayerIndex};
-use crate::layer::{open_layer, read_layer, read_opened, Job, NoExtract};
+use crate::layer::{open_layer, read_opened, Job, NoExtract};
 use crate::lock::Lock;
 use crate::path::PathKey;
 use crate::plan::{self, in_scap_region, Counts, Modes};
@@ -146,11 +146,7 @@ fn read_one(
     spent: u64,
     extract: &mut dyn crate::layer::Extract,
 ) -> Result<(LayerIndex, u64)> {
-    let blob = src.layer_blob(l)?;
-    let mut limits = o.limits;
-    limits.max_layer_bytes = limits.max_layer_bytes.min(o.max_total_bytes.saturating_sub(spent));
-    let job = Job { number: i, layer: l, blob: &blob.path, expected };
-    let (idx, v) = read_layer(&job, &limits, extract)?;
+    let (idx, v) = start_layer(src, i, l, o, spent, crate::blob::CHANNEL_DEPTH)?.read(l, expected, extract)?;
     tracing::debug!("layer {i} ({}) verified: {} → {} bytes", l.digest, v.compressed, v.uncompressed);
     Ok((idx, v.uncompressed))
 }
@@ -175,6 +171,19 @@ fn start_layer(src: &Source, i: usize, l: &LayerRef, o: &ImageOptions, spent: u6
     let job = Job { number: i, layer: l, blob: &blob.path, expected: None };
     let stream = open_layer(&job, &limits, depth)?;
     Ok(Ahead { number: i, blob, stream, limits })
+}
+
+impl Ahead {
+    /// Read, verify and index the layer (`l`, the one it was started for).
+    fn read(
+        self,
+        l: &LayerRef,
+        expected: Option<&LayerIndex>,
+        extract: &mut dyn crate::layer::Extract,
+    ) -> Result<(LayerIndex, crate::blob::Verified)> {
+        let job = Job { number: self.number, layer: l, blob: &self.blob.path, expected };
+        read_opened(&job, self.stream, &self.limits, extract)
+    }
 }
 
 /// The final view of `o.subpath`.
@@ -307,7 +316,7 @@ pub fn apply(o: &ApplyOptions) -> Result<Summary> {
         b.skeleton(&plan)?;
         tracing::debug!("{:?}: built the skeleton", t0.elapsed());
         let mut read = Vec::new();
-        for (k, _) in order.iter().enumerate() {
+        for k in 0..order.len() {
             let Some(cur) = ahead.take() else { break };
             // The next layer decompresses while this one is parsed and written.
             if let Some(&j) = order.get(k + 1) {
@@ -317,8 +326,7 @@ pub fn apply(o: &ApplyOptions) -> Result<Summary> {
             let l = &img.layers[i];
             let li = u32::try_from(i).unwrap_or(u32::MAX);
             let expected = (!indexed.verified[i]).then(|| &indexed.indexes[i]);
-            let job = Job { number: i, layer: l, blob: &cur.blob.path, expected };
-            let (idx, v) = read_opened(&job, cur.stream, &cur.limits, b.for_layer(li))?;
+            let (idx, v) = cur.read(l, expected, b.for_layer(li))?;
             spent += v.uncompressed;
             if spent > o.image.max_total_bytes {
                 return Err(Error::Layer {
@@ -390,7 +398,6 @@ fn record(
     let regions = o.scap_regions;
     let scanned =
         fsutil::scan_tree(&root, &|p| regions && in_scap_region(p)).map_err(Error::io(target, "cannot read"))?;
-    tracing::debug!("scanned the new tree");
     let mut ts = TreeState { manifest: manifest.to_string(), fingerprint: fp.to_string(), entries: Vec::new() };
     // In walk order, as the record must be.
     for (k, e) in scanned {

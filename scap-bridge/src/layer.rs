@@ -57,12 +57,6 @@ pub struct Job<'a> {
 
 const BUF: usize = 256 * 1024;
 
-/// Read, verify and index a layer, extracting what `extract` wants.
-pub fn read_layer(job: &Job<'_>, limits: &Limits, extract: &mut dyn Extract) -> Result<(LayerIndex, Verified)> {
-    let stream = open_layer(job, limits, crate::blob::CHANNEL_DEPTH)?;
-    read_opened(job, stream, limits, extract)
-}
-
 /// Start decompressing a layer, up to `depth` chunks ahead of its reader.
 pub fn open_layer(job: &Job<'_>, limits: &Limits, depth: usize) -> Result<LayerStream> {
     let l = job.layer;
@@ -75,7 +69,8 @@ pub fn open_layer(job: &Job<'_>, limits: &Limits, depth: usize) -> Result<LayerS
     })
 }
 
-/// [`read_layer`] on a stream [`open_layer`] started.
+/// Read, verify and index a layer from the stream [`open_layer`] started, extracting what
+/// `extract` wants.
 pub fn read_opened(
     job: &Job<'_>,
     stream: LayerStream,

@@ -13,6 +13,7 @@
 //! [`Msg::End`] is sent; the tree becomes visible only after [`Pool::finish`] has joined
 //! every writer without an error and every layer has been verified.
 
+use crate::apply::io_at;
 use crate::error::{Error, Result};
 use crate::fsutil::{self, Time};
 use crate::path;
@@ -115,13 +116,15 @@ impl Pool {
         WRITERS * (QUEUE + 2) + 1
     }
 
+    /// The first error a writer met, once every writer has stopped.
+    fn stop(&mut self) -> Option<Error> {
+        self.join();
+        self.shared.error.lock().ok().and_then(|mut e| e.take())
+    }
+
     /// A writer failed: its error.
     fn failure(&mut self) -> Error {
-        self.join();
-        match self.shared.error.lock().ok().and_then(|mut e| e.take()) {
-            Some(e) => e,
-            None => Error::Usage("internal: a file writer stopped".into()),
-        }
+        self.stop().unwrap_or_else(|| Error::Usage("internal: a file writer stopped".into()))
     }
 
     fn send(&mut self, w: usize, m: Msg) -> Result<()> {
@@ -204,11 +207,7 @@ impl Pool {
 
     /// Wait until every file sent is on disk; the first error of any writer.
     pub fn finish(&mut self) -> Result<()> {
-        self.join();
-        match self.shared.error.lock().ok().and_then(|mut e| e.take()) {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        self.stop().map_or(Ok(()), Err)
     }
 }
 
@@ -226,10 +225,6 @@ struct Writer {
     dirs: Vec<(String, OwnedFd)>,
     shared: Arc<Shared>,
     give_back: Sender<Vec<u8>>,
-}
-
-fn io_at(base: &Path, rel: &str, what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
-    Error::io(if rel.is_empty() { base.to_path_buf() } else { base.join(rel) }, what)
 }
 
 impl Writer {
