@@ -8,7 +8,7 @@
 //! `done` only after the whole file matched the digest and was renamed into `blobs/`.
 
 use super::Agent;
-use crate::engine::{self, Limits, PeerView, Pick};
+use crate::engine::{self, Limits, Pick};
 use crate::metrics::M;
 use crate::pieces::{piece_hash, Bitfield, Geometry};
 use bytes::Bytes;
@@ -242,22 +242,11 @@ impl Transfer {
 }
 
 mod fetch;
+mod swarm;
 
 use crate::api::AnnounceReply;
 pub use fetch::announce_seeds;
 use fetch::{announce, fetch_from_origin, fetch_from_peer, fetch_manifest, Got, Outcome, Reply, Source};
-
-struct Peer {
-    have: Bitfield,
-    inflight: usize,
-    busy_until: Option<Instant>,
-}
-
-impl Peer {
-    fn new(n: usize) -> Self {
-        Peer { have: Bitfield::new(n), inflight: 0, busy_until: None }
-    }
-}
 
 /// What woke the driver.
 enum Event {
@@ -327,7 +316,7 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
     }
     let mut last_received = 0u64;
     let mut last_piece = Instant::now();
-    let mut peers: HashMap<String, Peer> = HashMap::new();
+    let mut peers = swarm::Swarm::new(n);
     let mut pending = vec![0u8; n];
     let mut origin_inflight = 0usize;
     let mut origin_quiet_until = Instant::now();
@@ -364,50 +353,29 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
                 continue;
             }
             if let Some(b) = Bitfield::from_hex(&hex, n) {
-                peers.entry(a).or_insert_with(|| Peer::new(n)).have = b;
+                peers.set_have(&a, b);
             }
         }
         // Plan as many requests as the limits allow.
-        let now = Instant::now();
-        let addrs: Vec<String> = peers
-            .iter()
-            .filter(|(a, p)| !agent.is_banned(a) && p.busy_until.is_none_or(|t| t <= now))
-            .map(|(a, _)| a.clone())
-            .collect();
-        let mut views: Vec<PeerView> = addrs
-            .iter()
-            .filter_map(|a| peers.get(a))
-            .map(|p| PeerView { have: p.have.clone(), inflight: p.inflight })
-            .collect();
-        let avail = engine::availability(n, &views);
+        peers.expire_busy(Instant::now());
         loop {
             // After the origin had nothing for us, leave it alone for a moment.
             let origin_view = if Instant::now() < origin_quiet_until { limits.origin_slots } else { origin_inflight };
-            let v = engine::View { have: &have, pending: &pending, peers: &views, origin_inflight: origin_view };
-            match engine::next_with(&v, &avail, &limits, salt) {
+            let v = engine::View { have: &have, pending: &pending, peers: peers.views(), origin_inflight: origin_view };
+            match engine::next_with(&v, peers.avail(), &limits, salt) {
                 Some(Pick::Peer { piece, peer }) => {
-                    let Some(addr) = addrs.get(peer).cloned() else { break };
-                    if let Some(p) = peers.get_mut(&addr) {
-                        p.inflight += 1;
-                    }
-                    if let Some(v) = views.get_mut(peer) {
-                        v.inflight += 1;
-                    }
+                    let Some(addr) = peers.addr(peer).map(str::to_string) else { break };
+                    peers.inflight_add(peer);
                     pending[piece] = pending[piece].saturating_add(1);
                     tasks.spawn(fetch_from_peer(agent.clone(), t.clone(), addr, piece));
                 }
                 Some(Pick::Origin) => {
                     // Tell the origin what not to send: what we have, are fetching, or
                     // can get from a peer we have not dropped and that is not refusing
-                    // (busy, or at its request cap).
-                    let mut trusted = vec![0u32; n];
-                    for (_, p) in
-                        peers.iter().filter(|(a, p)| !agent.is_banned(a) && p.busy_until.is_none_or(|t| t <= now))
-                    {
-                        p.have.add_to(&mut trusted);
-                    }
+                    // (busy, or at its request cap): the swarm's availability counts
+                    // exactly those peers.
                     let mut skip = have.clone();
-                    for (i, (&c, &from_peer)) in pending.iter().zip(&trusted).enumerate() {
+                    for (i, (&c, &from_peer)) in pending.iter().zip(peers.avail()).enumerate() {
                         if c > 0 || from_peer > 0 {
                             skip.set(i);
                         }
@@ -436,9 +404,9 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
                             .filter(|p| p.addr != agent.advertise && !agent.is_banned(&p.addr))
                             .filter_map(|p| Bitfield::from_hex(&p.have, n).map(|b| (p.addr, b)))
                             .collect();
-                        peers.retain(|a, p| p.inflight > 0 || fresh.contains_key(a));
+                        peers.retain(|a| fresh.contains_key(a) && !agent.is_banned(a));
                         for (a, b) in fresh {
-                            peers.entry(a).or_insert_with(|| Peer::new(n)).have = b;
+                            peers.set_have(&a, b);
                         }
                     }
                     Ok(Err(e)) => tracing::debug!("agent: announce for {}: {e}", t.digest),
@@ -456,11 +424,7 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
         for (src, asked, result) in outcomes.drain(..) {
             match &src {
                 Source::Origin => origin_inflight = origin_inflight.saturating_sub(1),
-                Source::Peer(a) => {
-                    if let Some(p) = peers.get_mut(a) {
-                        p.inflight = p.inflight.saturating_sub(1);
-                    }
-                }
+                Source::Peer(a) => peers.inflight_done(a),
             }
             if let Some(i) = asked {
                 pending[i] = pending[i].saturating_sub(1);
@@ -468,9 +432,7 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
             match result {
                 Ok(Reply::Piece(Got { i, bytes, claimed, have })) => {
                     if let (Source::Peer(a), Some(h)) = (&src, have.and_then(|h| Bitfield::from_hex(&h, n))) {
-                        if let Some(p) = peers.get_mut(a) {
-                            p.have = h;
-                        }
+                        peers.set_have(a, h);
                     }
                     if accept_piece(agent, t, i, &bytes, claimed, &src).await? {
                         (last_progress, last_piece) = (Instant::now(), Instant::now());
@@ -484,21 +446,17 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
                 }
                 Ok(Reply::Nothing) => origin_quiet_until = Instant::now() + ORIGIN_QUIET,
                 Ok(Reply::Busy(have)) => {
-                    if let (Source::Peer(a), h) = (&src, have.and_then(|h| Bitfield::from_hex(&h, n))) {
-                        if let Some(p) = peers.get_mut(a) {
-                            p.busy_until = Some(Instant::now() + BUSY_BACKOFF);
-                            if let Some(h) = h {
-                                p.have = h;
-                            }
+                    if let Source::Peer(a) = &src {
+                        if let Some(h) = have.and_then(|h| Bitfield::from_hex(&h, n)) {
+                            peers.set_have(a, h);
                         }
+                        peers.set_busy(a, Instant::now() + BUSY_BACKOFF);
                     }
                 }
                 Err(e) => {
                     tracing::debug!("agent: {} from {src:?}: {e}", t.digest);
                     if let (Source::Peer(a), Some(i)) = (&src, asked) {
-                        if let Some(p) = peers.get_mut(a) {
-                            p.have.clear(i);
-                        }
+                        peers.lost_piece(a, i);
                     }
                 }
             }
@@ -515,7 +473,7 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}
             pending.iter_mut().for_each(|c| *c = 0);
-            peers.values_mut().for_each(|p| p.inflight = 0);
+            peers.clear_inflight();
             origin_inflight = 0;
             last_announce = None;
             last_progress = Instant::now() - WATCHDOG / 2;
