@@ -2,6 +2,15 @@
 //! at once with `503` and `Retry-After: 1`, before any other work (even the secret
 //! check), so that the requester asks another peer (or the origin) instead of queueing.
 //! A request counts until its response body is fully sent or dropped.
+//!
+//! The same option caps the port's open connections at [`CONNECTIONS_PER_REQUEST`]
+//! times as many, and at least [`MIN_CONNECTIONS`] ([`CappedListener`]): an idle keep-alive connection costs no request
+//! slot, but a socket and a task, so a client (or a swarm of them) opening connections
+//! without end would otherwise exhaust the process's descriptors. A connection over the
+//! cap is closed as soon as it is accepted, before anything is read from it (the client
+//! sees the connection closed and asks elsewhere), and counted in
+//! `mwdist_connections_refused_total`. Well-behaved clients hold few idle connections
+//! (reqwest closes pooled connections idle for 90 s).
 
 use crate::metrics::{Metrics, M};
 use axum::body::{Body, HttpBody};
@@ -9,9 +18,12 @@ use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Default cap of an agent's peer port.
@@ -66,5 +78,142 @@ impl HttpBody for Held {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// Open connections a port keeps per request it may handle at once.
+pub const CONNECTIONS_PER_REQUEST: usize = 4;
+/// Open connections a port keeps at least, however small its request cap: a client's
+/// idle pooled connections, `/metrics` scrapes and refused requests' connections must
+/// not crowd out the requests the port does serve.
+pub const MIN_CONNECTIONS: usize = 64;
+
+/// A listener that keeps at most `max` connections open at once; one more is closed as
+/// soon as it is accepted.
+pub struct CappedListener {
+    inner: TcpListener,
+    slots: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+}
+
+impl CappedListener {
+    /// At most `max` connections (`0` is taken as 1).
+    pub fn new(inner: TcpListener, max: usize, metrics: Arc<Metrics>) -> Self {
+        CappedListener { inner, slots: Arc::new(Semaphore::new(max.max(1))), metrics }
+    }
+
+    /// The cap that goes with `--max-requests max_requests`.
+    pub fn for_requests(inner: TcpListener, max_requests: usize, metrics: Arc<Metrics>) -> Self {
+        Self::new(inner, max_requests.saturating_mul(CONNECTIONS_PER_REQUEST).max(MIN_CONNECTIONS), metrics)
+    }
+}
+
+impl axum::serve::Listener for CappedListener {
+    type Io = CappedStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            // axum's own accept loop: it waits out errors such as EMFILE.
+            let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+            match self.slots.clone().try_acquire_owned() {
+                Ok(permit) => return (CappedStream { io, _permit: permit }, addr),
+                Err(_) => {
+                    self.metrics.add(M::ConnectionsRefused, 1);
+                    tracing::debug!("connection from {addr} closed: the port has its cap of open connections");
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection that holds its slot until it is closed.
+pub struct CappedStream {
+    io: TcpStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl AsyncRead for CappedStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for CappedStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    async fn get(addr: SocketAddr) -> std::io::Result<(TcpStream, String)> {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await?;
+        let mut buf = vec![0u8; 512];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .map_err(|_| std::io::Error::other("no answer within 5 s"))??;
+        Ok((s, String::from_utf8_lossy(&buf[..n]).into_owned()))
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_cap_are_closed_and_a_freed_slot_is_reused() {
+        let metrics = Arc::new(Metrics::default());
+        let inner = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = CappedListener::new(inner, 2, metrics.clone());
+        let addr = axum::serve::Listener::local_addr(&listener).expect("addr");
+        let router = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let server = tokio::spawn(async move { axum::serve(listener, router).await });
+
+        // Two keep-alive connections, answered and left open: the cap is reached.
+        let (a, ra) = get(addr).await.expect("first connection");
+        let (_b, rb) = get(addr).await.expect("second connection");
+        assert!(ra.starts_with("HTTP/1.1 200") && rb.starts_with("HTTP/1.1 200"), "{ra} / {rb}");
+        // A third is closed without an answer.
+        let third = get(addr).await;
+        assert!(third.as_ref().map_or(true, |(_, r)| r.is_empty()), "over the cap: {:?}", third.map(|t| t.1));
+        assert_eq!(metrics.get(M::ConnectionsRefused), 1);
+        // Closing one frees its slot.
+        drop(a);
+        let mut answered = None;
+        for _ in 0..50 {
+            if let Ok((_c, r)) = get(addr).await {
+                if !r.is_empty() {
+                    answered = Some(r);
+                    break;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(answered.is_some_and(|r| r.starts_with("HTTP/1.1 200")), "a freed slot takes a new connection");
+        server.abort();
     }
 }

@@ -72,6 +72,7 @@ pub struct OriginArgs {
     #[arg(long)]
     pub auth_file: Option<PathBuf>,
     /// Requests handled at once; more are refused at once with 503 and `Retry-After`.
+    /// Open connections are capped at 4 times as many, at least 64 (more are closed at once).
     #[arg(long, env = "MWDIST_MAX_REQUESTS", default_value_t = crate::cap::ORIGIN_MAX_REQUESTS)]
     pub max_requests: usize,
     /// Disk bound for complete blobs in the cache; least-recently-used ones not being
@@ -91,6 +92,7 @@ pub struct TrackerArgs {
     #[arg(long, env = "MWDIST_LISTEN", default_value = "0.0.0.0:7072")]
     pub listen: SocketAddr,
     /// Requests handled at once; more are refused at once with 503 and `Retry-After`.
+    /// Open connections are capped at 4 times as many, at least 64 (more are closed at once).
     #[arg(long, env = "MWDIST_MAX_REQUESTS", default_value_t = crate::cap::ORIGIN_MAX_REQUESTS)]
     pub max_requests: usize,
     #[command(flatten)]
@@ -122,7 +124,8 @@ pub struct AgentArgs {
     #[arg(long, env = "MWDIST_CACHE_MAX", value_parser = parse_size)]
     pub cache_max: Option<u64>,
     /// Requests the peer port handles at once; more are refused at once with 503 and
-    /// `Retry-After`, and the requester asks another peer.
+    /// `Retry-After`, and the requester asks another peer. Open connections are capped at
+    /// 4 times as many, at least 64 (more are closed at once).
     #[arg(long, env = "MWDIST_MAX_REQUESTS", default_value_t = crate::cap::AGENT_MAX_REQUESTS)]
     pub max_requests: usize,
     /// Testing only: serve corrupted pieces to peers.
@@ -213,8 +216,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Tracker(t) => {
             let metrics = std::sync::Arc::new(crate::metrics::Metrics::default());
-            let router = crate::tracker::standalone_router(t.secret.load()?, t.max_requests, metrics);
-            let running = crate::server::Running::bind(t.listen, router, "tracker").await?;
+            let router = crate::tracker::standalone_router(t.secret.load()?, t.max_requests, metrics.clone());
+            let running = crate::server::Running::bind(t.listen, router, "tracker", t.max_requests, metrics).await?;
             ready(&format!("mwdist tracker listening={}", running.addr));
             running.wait().await;
             Ok(())

@@ -23,9 +23,10 @@ pub enum M {
     PiecesResumed,
     BlobsEvicted,
     PeerRequestsBusy,
+    ConnectionsRefused,
 }
 
-const ALL: [(M, &str, &str, &str); 16] = [
+const ALL: [(M, &str, &str, &str); 17] = [
     (M::BytesDownPeers, "mwdist_bytes_down_total{source=\"peers\"}", "counter", "Bytes received"),
     (M::BytesDownOrigin, "mwdist_bytes_down_total{source=\"origin\"}", "counter", ""),
     (M::BytesDownUpstream, "mwdist_bytes_down_total{source=\"upstream\"}", "counter", ""),
@@ -42,11 +43,17 @@ const ALL: [(M, &str, &str, &str); 16] = [
     (M::PiecesResumed, "mwdist_pieces_resumed_total", "counter", "Verified pieces reused from partial/ at start"),
     (M::BlobsEvicted, "mwdist_blobs_evicted_total", "counter", "Blobs evicted to stay under --cache-max"),
     (M::PeerRequestsBusy, "mwdist_piece_requests_busy_total", "counter", "Piece requests refused: upload slots busy"),
+    (
+        M::ConnectionsRefused,
+        "mwdist_connections_refused_total",
+        "counter",
+        "Connections closed at once: the port had its cap of open connections",
+    ),
 ];
 
 #[derive(Debug, Default)]
 pub struct Metrics {
-    values: [AtomicU64; 16],
+    values: [AtomicU64; 17],
 }
 
 impl Metrics {

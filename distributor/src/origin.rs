@@ -342,7 +342,9 @@ impl Origin {
     pub async fn serve(opts: &OriginOptions) -> anyhow::Result<(Arc<Self>, Running)> {
         let o = Self::new(opts)?;
         o.evict().await;
-        let r = Running::bind(opts.listen, o.router(opts.secret.clone()), "origin").await?;
+        let r =
+            Running::bind(opts.listen, o.router(opts.secret.clone()), "origin", opts.max_requests, o.metrics.clone())
+                .await?;
         Ok((o, r))
     }
 }

@@ -1,6 +1,7 @@
 //! Running an axum router on a bound listener, and stopping it: [`Running`] aborts the
 //! server (like a crash: open connections are dropped) when stopped or dropped.
 
+use crate::cap::CappedListener;
 use axum::Router;
 use std::net::SocketAddr;
 use tokio::net::TcpListener;
@@ -14,14 +15,36 @@ pub struct Running {
 }
 
 impl Running {
-    pub async fn bind(addr: SocketAddr, router: Router, name: &'static str) -> anyhow::Result<Self> {
+    /// Listen on `addr` with the connection cap that goes with `max_requests` (see
+    /// [`crate::cap`]).
+    pub async fn bind(
+        addr: SocketAddr,
+        router: Router,
+        name: &'static str,
+        max_requests: usize,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) -> anyhow::Result<Self> {
         let listener =
             TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("{name}: cannot listen on {addr}: {e}"))?;
-        Ok(Self::start(listener, router, name))
+        Ok(Self::start_capped(CappedListener::for_requests(listener, max_requests, metrics), router, name))
     }
 
+    /// Serve on `listener` with no connection cap (the loopback mirror).
     pub fn start(listener: TcpListener, router: Router, name: &'static str) -> Self {
         let addr = listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
+        Self::spawn(listener, addr, router, name)
+    }
+
+    pub fn start_capped(listener: CappedListener, router: Router, name: &'static str) -> Self {
+        let addr =
+            axum::serve::Listener::local_addr(&listener).unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
+        Self::spawn(listener, addr, router, name)
+    }
+
+    fn spawn<L>(listener: L, addr: SocketAddr, router: Router, name: &'static str) -> Self
+    where
+        L: axum::serve::Listener<Addr = SocketAddr>,
+    {
         let (stop, mut rx) = watch::channel(false);
         let task = tokio::spawn(async move {
             let shutdown = async move {
