@@ -9,8 +9,10 @@
 //! without end would otherwise exhaust the process's descriptors. A connection over the
 //! cap is closed as soon as it is accepted, before anything is read from it (the client
 //! sees the connection closed and asks elsewhere), and counted in
-//! `mwdist_connections_refused_total`. Well-behaved clients hold few idle connections
-//! (reqwest closes pooled connections idle for 90 s).
+//! `mwdist_connections_refused_total`. A connection on which nothing was read or written
+//! for [`IDLE_TIMEOUT`] is closed, so that connections opened and left silent (by a
+//! client that crashed, or on purpose) do not keep the cap filled. Well-behaved clients
+//! hold few idle connections (reqwest closes pooled connections idle for 90 s).
 
 use crate::metrics::{Metrics, M};
 use axum::body::{Body, HttpBody};
@@ -18,6 +20,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use std::future::Future as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -87,6 +90,10 @@ pub const CONNECTIONS_PER_REQUEST: usize = 4;
 /// idle pooled connections, `/metrics` scrapes and refused requests' connections must
 /// not crowd out the requests the port does serve.
 pub const MIN_CONNECTIONS: usize = 64;
+/// A connection with nothing read or written for this long is closed. Longer than any
+/// request of the cluster waits in silence (a piece request gives up after 20 s, a blob
+/// waiting for its pieces after 30 s).
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// A listener that keeps at most `max` connections open at once; one more is closed as
 /// soon as it is accepted.
@@ -94,17 +101,20 @@ pub struct CappedListener {
     inner: TcpListener,
     slots: Arc<Semaphore>,
     metrics: Arc<Metrics>,
+    idle: std::time::Duration,
 }
 
 impl CappedListener {
-    /// At most `max` connections (`0` is taken as 1).
-    pub fn new(inner: TcpListener, max: usize, metrics: Arc<Metrics>) -> Self {
-        CappedListener { inner, slots: Arc::new(Semaphore::new(max.max(1))), metrics }
+    /// At most `max` connections (`0` is taken as 1), each closed after `idle` without
+    /// traffic.
+    pub fn new(inner: TcpListener, max: usize, idle: std::time::Duration, metrics: Arc<Metrics>) -> Self {
+        CappedListener { inner, slots: Arc::new(Semaphore::new(max.max(1))), metrics, idle }
     }
 
     /// The cap that goes with `--max-requests max_requests`.
     pub fn for_requests(inner: TcpListener, max_requests: usize, metrics: Arc<Metrics>) -> Self {
-        Self::new(inner, max_requests.saturating_mul(CONNECTIONS_PER_REQUEST).max(MIN_CONNECTIONS), metrics)
+        let max = max_requests.saturating_mul(CONNECTIONS_PER_REQUEST).max(MIN_CONNECTIONS);
+        Self::new(inner, max, IDLE_TIMEOUT, metrics)
     }
 }
 
@@ -117,7 +127,10 @@ impl axum::serve::Listener for CappedListener {
             // axum's own accept loop: it waits out errors such as EMFILE.
             let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
             match self.slots.clone().try_acquire_owned() {
-                Ok(permit) => return (CappedStream { io, _permit: permit }, addr),
+                Ok(permit) => {
+                    let deadline = Box::pin(tokio::time::sleep(self.idle));
+                    return (CappedStream { io, _permit: permit, idle: self.idle, deadline }, addr);
+                }
                 Err(_) => {
                     self.metrics.add(M::ConnectionsRefused, 1);
                     tracing::debug!("connection from {addr} closed: the port has its cap of open connections");
@@ -131,21 +144,59 @@ impl axum::serve::Listener for CappedListener {
     }
 }
 
-/// A connection that holds its slot until it is closed.
+/// A connection that holds its slot until it is closed, and fails (so that the server
+/// closes it) once nothing was read or written for its idle time.
 pub struct CappedStream {
     io: TcpStream,
     _permit: OwnedSemaphorePermit,
+    idle: std::time::Duration,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl CappedStream {
+    fn active(&mut self) {
+        let at = tokio::time::Instant::now() + self.idle;
+        self.deadline.as_mut().reset(at);
+    }
+
+    /// Ready with an error once the idle time has passed (the caller saw `Pending`).
+    fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        self.deadline.as_mut().poll(cx).is_ready()
+    }
+}
+
+fn idle_error() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, "connection idle for too long")
 }
 
 impl AsyncRead for CappedStream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        match Pin::new(&mut self.io).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    self.active();
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending if self.idle_expired(cx) => Poll::Ready(Err(idle_error())),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
 impl AsyncWrite for CappedStream {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        match Pin::new(&mut self.io).poll_write(cx, buf) {
+            Poll::Ready(r) => {
+                if r.as_ref().is_ok_and(|n| *n > 0) {
+                    self.active();
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending if self.idle_expired(cx) => Poll::Ready(Err(idle_error())),
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     fn poll_write_vectored(
@@ -153,7 +204,16 @@ impl AsyncWrite for CappedStream {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        match Pin::new(&mut self.io).poll_write_vectored(cx, bufs) {
+            Poll::Ready(r) => {
+                if r.as_ref().is_ok_and(|n| *n > 0) {
+                    self.active();
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending if self.idle_expired(cx) => Poll::Ready(Err(idle_error())),
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -188,7 +248,7 @@ mod tests {
     async fn connections_over_the_cap_are_closed_and_a_freed_slot_is_reused() {
         let metrics = Arc::new(Metrics::default());
         let inner = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let listener = CappedListener::new(inner, 2, metrics.clone());
+        let listener = CappedListener::new(inner, 2, IDLE_TIMEOUT, metrics.clone());
         let addr = axum::serve::Listener::local_addr(&listener).expect("addr");
         let router = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
         let server = tokio::spawn(async move { axum::serve(listener, router).await });
@@ -214,6 +274,46 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         assert!(answered.is_some_and(|r| r.starts_with("HTTP/1.1 200")), "a freed slot takes a new connection");
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_silent_connection_is_closed_and_its_slot_freed_but_a_busy_one_stays() {
+        let metrics = Arc::new(Metrics::default());
+        let inner = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let idle = std::time::Duration::from_millis(300);
+        let listener = CappedListener::new(inner, 1, idle, metrics.clone());
+        let addr = axum::serve::Listener::local_addr(&listener).expect("addr");
+        let router = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let server = tokio::spawn(async move { axum::serve(listener, router).await });
+
+        // A connection that keeps asking, more often than the idle time, is kept.
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let mut last = std::time::Instant::now();
+        for _ in 0..6 {
+            s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.expect("request");
+            let mut buf = vec![0u8; 512];
+            let n = s.read(&mut buf).await.expect("answer");
+            assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"), "an active connection is served");
+            last = std::time::Instant::now();
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        // Left silent, it is closed after the idle time, and its slot serves another.
+        let mut buf = [0u8; 16];
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf)).await;
+        assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "the server closed the silent connection: {closed:?}");
+        assert!(last.elapsed() >= idle - std::time::Duration::from_millis(50), "not before the idle time");
+        let mut answered = false;
+        for _ in 0..50 {
+            if let Ok((_c, r)) = get(addr).await {
+                if r.starts_with("HTTP/1.1 200") {
+                    answered = true;
+                    break;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(answered, "the freed slot takes a new connection");
         server.abort();
     }
 }
