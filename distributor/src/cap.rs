@@ -159,44 +159,47 @@ impl CappedStream {
         self.deadline.as_mut().reset(at);
     }
 
-    /// Ready with an error once the idle time has passed (the caller saw `Pending`).
-    fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
-        self.deadline.as_mut().poll(cx).is_ready()
+    /// What the inner stream's poll gave, with the idle deadline applied: traffic
+    /// (`moved`) pushes it back; `Pending` past it turns into an error, so that the
+    /// server closes the connection.
+    fn settle<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<T>>,
+        moved: impl FnOnce(&std::io::Result<T>) -> bool,
+    ) -> Poll<std::io::Result<T>> {
+        match polled {
+            Poll::Ready(r) => {
+                if moved(&r) {
+                    self.active();
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending if self.deadline.as_mut().poll(cx).is_ready() => {
+                Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connection idle for too long")))
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
-fn idle_error() -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::TimedOut, "connection idle for too long")
+fn wrote(r: &std::io::Result<usize>) -> bool {
+    r.as_ref().is_ok_and(|n| *n > 0)
 }
 
 impl AsyncRead for CappedStream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
-        match Pin::new(&mut self.io).poll_read(cx, buf) {
-            Poll::Ready(r) => {
-                if buf.filled().len() > before {
-                    self.active();
-                }
-                Poll::Ready(r)
-            }
-            Poll::Pending if self.idle_expired(cx) => Poll::Ready(Err(idle_error())),
-            Poll::Pending => Poll::Pending,
-        }
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        let moved = buf.filled().len() > before;
+        self.settle(cx, polled, |_| moved)
     }
 }
 
 impl AsyncWrite for CappedStream {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        match Pin::new(&mut self.io).poll_write(cx, buf) {
-            Poll::Ready(r) => {
-                if r.as_ref().is_ok_and(|n| *n > 0) {
-                    self.active();
-                }
-                Poll::Ready(r)
-            }
-            Poll::Pending if self.idle_expired(cx) => Poll::Ready(Err(idle_error())),
-            Poll::Pending => Poll::Pending,
-        }
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.settle(cx, polled, wrote)
     }
 
     fn poll_write_vectored(
@@ -204,16 +207,8 @@ impl AsyncWrite for CappedStream {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        match Pin::new(&mut self.io).poll_write_vectored(cx, bufs) {
-            Poll::Ready(r) => {
-                if r.as_ref().is_ok_and(|n| *n > 0) {
-                    self.active();
-                }
-                Poll::Ready(r)
-            }
-            Poll::Pending if self.idle_expired(cx) => Poll::Ready(Err(idle_error())),
-            Poll::Pending => Poll::Pending,
-        }
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.settle(cx, polled, wrote)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -165,6 +165,19 @@ impl Bitfield {
         }
     }
 
+    /// Take 1 from `counts[i]` for every piece `i` in the set (the inverse of
+    /// [`Self::add_to`]; counts never go below 0).
+    pub fn sub_from(&self, counts: &mut [u32]) {
+        for (byte, chunk) in self.bits.iter().zip(counts.chunks_mut(8)) {
+            if *byte == 0 {
+                continue;
+            }
+            for (j, c) in chunk.iter_mut().enumerate() {
+                *c = c.saturating_sub(u32::from((byte >> (7 - j)) & 1));
+            }
+        }
+    }
+
     pub fn to_hex(&self) -> String {
         hex::encode(&self.bits)
     }

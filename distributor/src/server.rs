@@ -26,25 +26,16 @@ impl Running {
     ) -> anyhow::Result<Self> {
         let listener =
             TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("{name}: cannot listen on {addr}: {e}"))?;
-        Ok(Self::start_capped(CappedListener::for_requests(listener, max_requests, metrics), router, name))
+        Ok(Self::start(CappedListener::for_requests(listener, max_requests, metrics), router, name))
     }
 
-    /// Serve on `listener` with no connection cap (the loopback mirror).
-    pub fn start(listener: TcpListener, router: Router, name: &'static str) -> Self {
-        let addr = listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
-        Self::spawn(listener, addr, router, name)
-    }
-
-    pub fn start_capped(listener: CappedListener, router: Router, name: &'static str) -> Self {
-        let addr =
-            axum::serve::Listener::local_addr(&listener).unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
-        Self::spawn(listener, addr, router, name)
-    }
-
-    fn spawn<L>(listener: L, addr: SocketAddr, router: Router, name: &'static str) -> Self
+    /// Serve on `listener`: a [`CappedListener`], or a bare [`TcpListener`] for a port
+    /// with no connection cap (the loopback mirror).
+    pub fn start<L>(listener: L, router: Router, name: &'static str) -> Self
     where
         L: axum::serve::Listener<Addr = SocketAddr>,
     {
+        let addr = listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
         let (stop, mut rx) = watch::channel(false);
         let task = tokio::spawn(async move {
             let shutdown = async move {

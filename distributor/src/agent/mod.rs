@@ -122,7 +122,7 @@ impl Agent {
         });
         let peer_listener =
             crate::cap::CappedListener::for_requests(peer_listener, agent.opts.max_requests, agent.metrics.clone());
-        let peer = Running::start_capped(peer_listener, mirror::peer_router(&agent), "agent peer API");
+        let peer = Running::start(peer_listener, mirror::peer_router(&agent), "agent peer API");
         let mirror = Running::start(mirror_listener, mirror::mirror_router(&agent), "agent mirror");
         // Stop background tasks when either server is stopped.
         let (mut a, mut b) = (peer.stopped(), mirror.stopped());

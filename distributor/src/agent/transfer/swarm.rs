@@ -28,14 +28,6 @@ pub(super) struct Swarm {
     avail: Vec<u32>,
 }
 
-fn sub_from(b: &Bitfield, counts: &mut [u32]) {
-    for (i, c) in counts.iter_mut().enumerate() {
-        if b.get(i) {
-            *c = c.saturating_sub(1);
-        }
-    }
-}
-
 impl Swarm {
     pub fn new(n: usize) -> Self {
         Swarm { n, addrs: Vec::new(), views: Vec::new(), busy: Vec::new(), index: HashMap::new(), avail: vec![0; n] }
@@ -78,7 +70,7 @@ impl Swarm {
             return;
         }
         let v = &mut self.views[j];
-        sub_from(&v.have, &mut self.avail);
+        v.have.sub_from(&mut self.avail);
         have.add_to(&mut self.avail);
         v.have = have;
     }
@@ -120,7 +112,7 @@ impl Swarm {
             Some((t, _)) => *t = until,
             None => {
                 let have = std::mem::replace(&mut self.views[j].have, Bitfield::new(self.n));
-                sub_from(&have, &mut self.avail);
+                have.sub_from(&mut self.avail);
                 self.busy[j] = Some((until, have));
             }
         }
@@ -141,7 +133,7 @@ impl Swarm {
     /// Forget `addr` (dropped for bad bytes, or gone from the tracker).
     pub fn remove(&mut self, addr: &str) {
         let Some(j) = self.index.remove(addr) else { return };
-        sub_from(&self.views[j].have, &mut self.avail);
+        self.views[j].have.sub_from(&mut self.avail);
         self.views.swap_remove(j);
         self.busy.swap_remove(j);
         self.addrs.swap_remove(j);
