@@ -8,7 +8,7 @@
 //! global budget of segments in flight.
 
 use crate::spec::{Algorithm, Compression};
-use oci_core::digest::{Digest, Hasher};
+use oci_core::digest::{Digest, Hasher, Midstate};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -153,6 +153,35 @@ pub struct Frame {
     pub key: Digest,
     pub raw: u64,
     pub packed: u64,
+    /// Present when the frame begins with a tar entry: what a rebuild needs to start
+    /// right there (see [`Resume`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<FrameStart>,
+}
+
+/// The state of a layer stream where a frame begins with a tar entry.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FrameStart {
+    /// Index (in tar order, ancestors included) of the entry the frame begins with.
+    pub item: u64,
+    /// The DiffID hash over every uncompressed byte before the frame.
+    pub diff: Midstate,
+    /// Digest of the compressed bytes before the frame, so that a rebuild copying them
+    /// from the previous blob can check it copied exactly those.
+    pub packed: Digest,
+}
+
+/// Where a rebuild starts instead of at the first entry: the previous blob's first
+/// frames, whose entries are exactly the new stream's first entries, are kept as they
+/// are (copied to the output before the sink starts, and hashed into `packed`), and
+/// the DiffID goes on from the midstate recorded where they end. A cold build of the
+/// same entries cuts the same segments there, so the result is the same bytes.
+pub struct Resume {
+    pub frames: Vec<Frame>,
+    pub packed: Hasher,
+    pub diff: Hasher,
+    /// Index of the first entry the sink will be given.
+    pub item: u64,
 }
 
 /// What a finished layer stream produced.
@@ -207,8 +236,9 @@ impl Reuse {
 }
 
 /// A segment on its way to the writer: its buffer (the first `len` bytes are the
-/// segment), key, and the compression result to wait for.
-type Item = (Arc<Vec<u8>>, usize, Digest, Receiver<io::Result<(Vec<u8>, bool)>>);
+/// segment), key, entry index and DiffID midstate where it starts (when it starts with
+/// an entry), and the compression result to wait for.
+type Item = (Arc<Vec<u8>>, usize, Digest, Option<(u64, Midstate)>, Receiver<io::Result<(Vec<u8>, bool)>>);
 
 /// What the writer thread produced: the compressed side of a [`Sealed`].
 struct Packed {
@@ -240,22 +270,33 @@ pub struct BlockSink {
     path: String,
     entry_off: u64,
     piece_start: u64,
+    /// Entries begun so far (the index of the next one).
+    items: u64,
+    /// Where the segment being filled starts, when it starts with an entry.
+    seg_start: Option<(u64, Midstate)>,
 }
 
 impl BlockSink {
     pub fn new(engine: Arc<Engine>, out: File) -> Self {
-        Self::with_reuse(engine, out, None)
+        Self::with_reuse(engine, out, None, None)
     }
 
-    pub fn with_reuse(engine: Arc<Engine>, mut out: File, reuse: Option<Reuse>) -> Self {
+    /// A sink that takes unchanged frames from `reuse`, and starts after the kept
+    /// frames of `resume` (already written to `out`) when given one.
+    pub fn with_reuse(engine: Arc<Engine>, mut out: File, reuse: Option<Reuse>, resume: Option<Resume>) -> Self {
         let (tx, rx) = sync_channel::<Item>(engine.budget_hint());
         let eng = engine.clone();
+        let (kept, packed, diff, items) = match resume {
+            Some(r) => (r.frames, r.packed, r.diff, r.item),
+            None => (Vec::new(), Hasher::new(), Hasher::new(), 0),
+        };
+        let seg_start = diff.midstate().map(|m| (items, m));
         let writer = std::thread::Builder::new().name("layer-writer".into()).spawn(move || {
-            let mut packed = Hasher::new();
-            let mut frames = Vec::new();
-            let mut reused = 0u64;
+            let mut packed = packed;
+            let mut reused: u64 = kept.iter().map(|f| f.raw).sum();
+            let mut frames = kept;
             let mut result = Ok(());
-            for (block, len, key, done) in rx {
+            for (block, len, key, start, done) in rx {
                 let r = done.recv().unwrap_or_else(|_| Err(io::Error::other("compression task vanished")));
                 eng.budget.release();
                 // The compression task has let go of the buffer before answering.
@@ -266,11 +307,12 @@ impl BlockSink {
                     continue;
                 }
                 result = r.and_then(|(c, was_reused)| {
+                    let start = start.map(|(item, diff)| FrameStart { item, diff, packed: packed.clone().finish().0 });
                     packed.update(&c);
                     if was_reused {
                         reused += len as u64;
                     }
-                    frames.push(Frame { key, raw: len as u64, packed: c.len() as u64 });
+                    frames.push(Frame { key, raw: len as u64, packed: c.len() as u64, start });
                     let w = out.write_all(&c);
                     eng.give_out(c);
                     w
@@ -293,11 +335,13 @@ impl BlockSink {
             tx,
             writer,
             reuse: reuse.map(Arc::new),
-            diff: Hasher::new(),
+            diff,
             key: Hasher::new(),
             path: String::new(),
             entry_off: 0,
             piece_start: 0,
+            items,
+            seg_start,
         }
     }
 
@@ -308,6 +352,7 @@ impl BlockSink {
         self.path.push_str(path);
         self.entry_off = 0;
         self.piece_start = 0;
+        self.items += 1;
     }
 
     /// The current entry is complete: cut here if its path says so.
@@ -321,7 +366,7 @@ impl BlockSink {
         let h =
             self.path.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
         if h % (avg - min).max(1) < self.entry_off {
-            self.dispatch()?;
+            self.dispatch(true)?;
         }
         Ok(())
     }
@@ -336,7 +381,8 @@ impl BlockSink {
         }
     }
 
-    fn dispatch(&mut self) -> io::Result<()> {
+    /// Send the segment off; `at_entry_end` when the next one starts with an entry.
+    fn dispatch(&mut self, at_entry_end: bool) -> io::Result<()> {
         self.close_piece();
         let key = std::mem::replace(&mut self.key, Hasher::new()).finish().0;
         if self.used == 0 {
@@ -362,11 +408,16 @@ impl BlockSink {
             let _ = done_tx.send(r);
         });
         let Some(tx) = &self.tx else { return Err(io::Error::other("layer writer thread could not start")) };
-        tx.send((block, len, key, done_rx)).map_err(|_| io::Error::other("layer writer stopped"))
+        let start = std::mem::take(&mut self.seg_start);
+        tx.send((block, len, key, start, done_rx)).map_err(|_| io::Error::other("layer writer stopped"))?;
+        if at_entry_end {
+            self.seg_start = self.diff.midstate().map(|m| (self.items, m));
+        }
+        Ok(())
     }
 
     pub fn finish(mut self) -> io::Result<Sealed> {
-        self.dispatch()?;
+        self.dispatch(true)?;
         drop(self.tx.take());
         let p = match self.writer.take() {
             Some(h) => h.join().map_err(|_| io::Error::other("layer writer panicked"))??,
@@ -392,7 +443,7 @@ impl BlockSink {
         self.used += n;
         self.entry_off += n as u64;
         if self.used == self.block.len() {
-            self.dispatch()?;
+            self.dispatch(false)?;
         }
         Ok(())
     }
@@ -464,11 +515,32 @@ mod tests {
         entries: &[(String, Vec<u8>)],
         reuse: Option<Reuse>,
     ) -> Result<(Sealed, Vec<u8>), Box<dyn std::error::Error>> {
+        run_resumed(alg, entries, reuse, None)
+    }
+
+    /// Like [`run_entries`]; with `resume` = (kept frames' bytes, the resume point), the
+    /// output starts with those bytes and only the entries from the point on are given.
+    fn run_resumed(
+        alg: Algorithm,
+        entries: &[(String, Vec<u8>)],
+        reuse: Option<Reuse>,
+        resume: Option<(&[u8], Resume)>,
+    ) -> Result<(Sealed, Vec<u8>), Box<dyn std::error::Error>> {
         let c = Compression { algorithm: alg, level: 3, block_size: 64 * 1024 };
         let engine = Engine::new(2, c)?;
         let t = tempfile::NamedTempFile::new()?;
-        let mut s = BlockSink::with_reuse(engine, t.reopen()?, reuse);
-        for (path, data) in entries {
+        let mut out = t.reopen()?;
+        let mut skip = 0;
+        let resume = match resume {
+            Some((bytes, r)) => {
+                out.write_all(bytes)?;
+                skip = r.item as usize;
+                Some(r)
+            }
+            None => None,
+        };
+        let mut s = BlockSink::with_reuse(engine, out, reuse, resume);
+        for (path, data) in &entries[skip..] {
             s.begin_entry(path);
             s.write_all(data)?;
             s.end_entry()?;
@@ -516,6 +588,43 @@ mod tests {
             assert_eq!(bad_bytes, fresh_bytes);
             assert_eq!(bad.reused, 0);
         }
+        Ok(())
+    }
+
+    #[test]
+    fn a_stream_resumed_after_its_unchanged_first_frames_equals_a_fresh_build() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let entries: Vec<(String, Vec<u8>)> = (0..200u32)
+            .map(|i| {
+                let n = 512 * (1 + (i * 7919) % 90) as usize;
+                (format!("d/f-{i:04}"), (0..n).map(|j| ((j as u32 * 13 + i) % 251) as u8).collect())
+            })
+            .collect();
+        let (old, old_bytes) = run_entries(Algorithm::Zstd, &entries, None)?;
+        // Every frame after the first begins at an entry here (no entry fills a segment).
+        assert!(old.frames.len() > 4 && old.frames.iter().all(|f| f.start.is_some()));
+        let mut edited = entries.clone();
+        edited[150].1.extend_from_slice(b"changed");
+        let (fresh, fresh_bytes) = run_entries(Algorithm::Zstd, &edited, None)?;
+        // Resume at the last frame that begins at or before the edited entry.
+        let f = old.frames.iter().rposition(|fr| fr.start.as_ref().is_some_and(|s| s.item <= 150)).ok_or("no frame")?;
+        assert!(f > 0);
+        let start = old.frames[f].start.clone().ok_or("start")?;
+        let packed_len: u64 = old.frames[..f].iter().map(|fr| fr.packed).sum();
+        let prefix = &old_bytes[..packed_len as usize];
+        let mut packed = Hasher::new();
+        packed.update(prefix);
+        assert_eq!(packed.clone().finish().0, start.packed, "the recorded prefix digest");
+        let resume = Resume {
+            frames: old.frames[..f].to_vec(),
+            packed,
+            diff: Hasher::resume(&start.diff).ok_or("midstate")?,
+            item: start.item,
+        };
+        let (inc, inc_bytes) = run_resumed(Algorithm::Zstd, &edited, None, Some((prefix, resume)))?;
+        assert_eq!(inc_bytes, fresh_bytes);
+        assert_eq!((&inc.digest, &inc.diff_id, &inc.frames), (&fresh.digest, &fresh.diff_id, &fresh.frames));
+        assert!(inc.reused >= start.diff.len, "the kept frames count as reused");
         Ok(())
     }
 

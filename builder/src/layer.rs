@@ -9,7 +9,7 @@
 //!    compress in one pass.
 
 use crate::cache::{Cache, CacheError, LayerRecord, SlotFile, SlotRecord, RACY_NS};
-use crate::compress::{BlockSink, Engine, Reuse};
+use crate::compress::{BlockSink, Engine, Resume, Reuse};
 use crate::plan::LayerPlan;
 use crate::spec::{Algorithm, Compression, Ownership};
 use crate::tarball::{Fixed, TarError, TarWriter};
@@ -19,7 +19,7 @@ use oci_core::media;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -305,6 +305,7 @@ impl LayerBuilder<'_> {
         let items = items(plan, self.ownership);
         let files: Vec<&Entry> = plan.entries.iter().filter(|e| matches!(e.kind, Kind::File { .. })).collect();
         let mut bytes_read = 0u64;
+        let mut new_toc = None;
         if previous.is_some() || files.iter().all(|e| hashes.contains_key(e.rel.as_str())) {
             // Hash what the stat cache cannot vouch for, then try the content key.
             for e in &files {
@@ -327,27 +328,45 @@ impl LayerBuilder<'_> {
                     duration: started.elapsed(),
                 });
             }
+            new_toc = Some(toc);
         }
         // Write the layer.
         let tmp = self.cache.tmp_blob().map_err(cache_err)?;
-        let out = tmp.reopen().map_err(|source| LayerError::Compress { slot: slot.to_string(), source })?;
+        let mut out = tmp.reopen().map_err(|source| LayerError::Compress { slot: slot.to_string(), source })?;
         // The slot's previous blob lends the frames of segments that did not change.
         let algorithm = self.engine.compression.algorithm;
-        let reuse = previous
+        let prev_record = previous
             .as_ref()
             .and_then(|p| p.last_key.as_ref())
             .and_then(|k| self.cache.lookup_layer(k))
-            .filter(|r| !r.frames.is_empty() && r.media_type == layer_media_type(&self.engine.compression))
-            .and_then(|r| {
-                File::open(self.cache.blob_path(&r.digest)).ok().map(|f| Reuse::new(f, algorithm, &r.frames))
-            });
-        let sink = BlockSink::with_reuse(self.engine.clone(), out, reuse);
+            .filter(|r| !r.frames.is_empty() && r.media_type == layer_media_type(&self.engine.compression));
+        // Its first frames, when they hold exactly our first entries, are kept as they are.
+        let resume = match (&prev_record, &new_toc) {
+            (Some(r), Some(toc)) => self
+                .resume_from(r, toc, &items, started_ns, &mut out)
+                .map_err(|source| LayerError::Compress { slot: slot.to_string(), source })?,
+            _ => None,
+        };
+        let skip = resume.as_ref().map_or(0, |r| r.item as usize);
+        let reuse = prev_record.and_then(|r| {
+            File::open(self.cache.blob_path(&r.digest)).ok().map(|f| Reuse::new(f, algorithm, &r.frames))
+        });
+        let sink = BlockSink::with_reuse(self.engine.clone(), out, reuse, resume);
         let fixed = Fixed { uid: self.ownership.uid, gid: self.ownership.gid, mtime: self.ownership.mtime };
         let mut w = TarWriter::new(sink, fixed);
         let tar_err = |source| LayerError::Tar { slot: slot.to_string(), source };
         let seg_err = |source| LayerError::Compress { slot: slot.to_string(), source };
         let mut written: HashMap<&str, Digest> = HashMap::new();
-        for it in &items {
+        // Entries inside the kept frames are not read: their table-of-contents entries
+        // (content digest included) are the ones the kept frames were made from.
+        for it in &items[..skip] {
+            if let Item::File { entry, .. } = it {
+                if let Some(d) = hashes.get(entry.rel.as_str()) {
+                    written.insert(entry.rel.as_str(), d.clone());
+                }
+            }
+        }
+        for it in &items[skip..] {
             w.sink().begin_entry(match it {
                 Item::Dir(p) => p,
                 Item::Symlink { path, .. } | Item::File { path, .. } => path,
@@ -428,6 +447,73 @@ impl LayerBuilder<'_> {
             bytes_compressed: sealed.uncompressed_size - sealed.reused,
             duration: started.elapsed(),
         })
+    }
+
+    /// Where a rebuild can start after the previous blob's first frames: the last frame
+    /// that begins with an entry such that every entry before it is the same in the new
+    /// table of contents (path, type, mode, size, content digest, link target) and no
+    /// file before it is racy. The kept frames' bytes are copied into `out` and checked
+    /// against the digest recorded where they end; on any doubt, `None` (and `out` left
+    /// empty), and the layer is written from its first entry. An error only when `out`
+    /// cannot be emptied again.
+    fn resume_from(
+        &self,
+        prev: &LayerRecord,
+        toc: &Toc,
+        items: &[Item],
+        started_ns: i64,
+        out: &mut File,
+    ) -> io::Result<Option<Resume>> {
+        let Some(old) =
+            self.cache.blobs().read_blob(&prev.toc_digest, Some(prev.toc_size)).ok().and_then(|b| parse_toc(&b).ok())
+        else {
+            return Ok(None);
+        };
+        let same = toc.entries.iter().zip(&old.entries).take_while(|(a, b)| a == b).count();
+        let settled = items
+            .iter()
+            .position(|it| matches!(it, Item::File { entry, .. } if racy(entry, started_ns)))
+            .unwrap_or(items.len());
+        let limit = same.min(settled) as u64;
+        let Some((f, start)) = prev
+            .frames
+            .iter()
+            .enumerate()
+            .rev()
+            .find_map(|(i, fr)| Some((i, fr.start.as_ref().filter(|s| s.item <= limit)?)))
+        else {
+            return Ok(None);
+        };
+        let kept = &prev.frames[..f];
+        let Some(diff) = Hasher::resume(&start.diff) else { return Ok(None) };
+        if f == 0 || start.diff.len != kept.iter().map(|fr| fr.raw).sum::<u64>() {
+            return Ok(None);
+        }
+        let packed_len: u64 = kept.iter().map(|fr| fr.packed).sum();
+        let mut packed = Hasher::new();
+        let copied = (|| -> io::Result<()> {
+            let mut blob = File::open(self.cache.blob_path(&prev.digest))?.take(packed_len);
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = blob.read(&mut buf)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                packed.update(&buf[..n]);
+                out.write_all(&buf[..n])?;
+            }
+        })();
+        let ok = copied.is_ok() && packed.len() == packed_len && packed.clone().finish().0 == start.packed;
+        if !ok {
+            tracing::warn!(
+                "layer {}: the previous blob's first frames do not match their record; writing the layer whole",
+                prev.digest
+            );
+            out.set_len(0)?;
+            io::Seek::seek(out, io::SeekFrom::Start(0))?;
+            return Ok(None);
+        }
+        Ok(Some(Resume { frames: kept.to_vec(), packed, diff, item: start.item }))
     }
 
     fn save_slot(

@@ -126,6 +126,36 @@ impl Hasher {
         let len = self.inner.len();
         (Digest::from_sha256(self.inner.finalize()), len)
     }
+    /// Where this hash stands, when it stands at a 64-byte boundary (see [`Midstate`]).
+    pub fn midstate(&self) -> Option<Midstate> {
+        let (state, len) = self.inner.midstate()?;
+        let mut raw = [0u8; 32];
+        for (o, w) in raw.chunks_exact_mut(4).zip(state) {
+            o.copy_from_slice(&w.to_be_bytes());
+        }
+        Some(Midstate { len, state: hex::encode(raw) })
+    }
+    /// A hasher that goes on from `m`, as if the `m.len` bytes before had been hashed.
+    /// `None` for a malformed midstate.
+    pub fn resume(m: &Midstate) -> Option<Hasher> {
+        let raw = hex::decode(&m.state).ok()?;
+        if raw.len() != 32 {
+            return None;
+        }
+        let mut state = [0u32; 8];
+        for (w, c) in state.iter_mut().zip(raw.chunks_exact(4)) {
+            *w = u32::from_be_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        Some(Hasher { inner: crate::sha256::Sha256::resume(state, m.len)? })
+    }
+}
+
+/// The SHA-256 chaining state after `len` bytes (a multiple of 64), as 64 hex digits:
+/// kept so that a later hash of a stream with the same first `len` bytes can start here.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Midstate {
+    pub len: u64,
+    pub state: String,
 }
 
 /// A writer that hashes and counts every byte it forwards.
@@ -175,6 +205,20 @@ pub fn digest_reader<R: io::Read>(mut r: R) -> io::Result<(Digest, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hasher_resumed_from_its_midstate_gives_the_same_digest() {
+        let data = vec![7u8; 3000];
+        let mut h = Hasher::new();
+        h.update(&data[..1024]);
+        let m = h.midstate().expect("1024 bytes are whole blocks");
+        let mut r = Hasher::resume(&m).expect("valid");
+        r.update(&data[1024..]);
+        assert_eq!(r.finish(), (Digest::of(&data), 3000));
+        assert!(Hasher::resume(&Midstate { len: 64, state: "00".into() }).is_none());
+        h.update(&data[..1]);
+        assert!(h.midstate().is_none());
+    }
 
     #[test]
     fn empty_digest_is_well_known() {

@@ -52,6 +52,18 @@ impl Sha256 {
         self.len == 0
     }
 
+    /// The chaining state, when the bytes hashed so far are a whole number of 64-byte
+    /// blocks (nothing buffered): with [`Sha256::resume`] it lets a later run go on from
+    /// here without the bytes before.
+    pub fn midstate(&self) -> Option<([u32; 8], u64)> {
+        (self.buffered == 0).then_some((self.state, self.len))
+    }
+
+    /// Go on from a [`Sha256::midstate`]: `len` bytes (a multiple of 64) hashed to `state`.
+    pub fn resume(state: [u32; 8], len: u64) -> Option<Self> {
+        (len % 64 == 0).then_some(Sha256 { state, buf: [0; 64], buffered: 0, len })
+    }
+
     pub fn update(&mut self, mut data: &[u8]) {
         self.len += data.len() as u64;
         if self.buffered > 0 {
@@ -261,6 +273,22 @@ mod tests {
     use super::*;
     use rand::{Rng as _, SeedableRng as _};
     use sha2::Digest as _;
+
+    #[test]
+    fn resuming_a_midstate_equals_hashing_everything() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut whole = Sha256::new();
+        whole.update(&data[..640]);
+        assert!(Sha256::resume([0; 8], 65).is_none(), "a midstate is block-aligned");
+        let mut part = whole.clone();
+        part.update(&data[640..641]);
+        assert!(part.midstate().is_none(), "bytes are buffered");
+        let (state, len) = whole.midstate().expect("aligned");
+        assert_eq!(len, 640);
+        let mut resumed = Sha256::resume(state, len).expect("aligned");
+        resumed.update(&data[640..]);
+        assert_eq!(resumed.finalize(), reference(&data));
+    }
 
     fn reference(data: &[u8]) -> [u8; 32] {
         sha2::Sha256::digest(data).into()
