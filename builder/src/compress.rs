@@ -147,6 +147,21 @@ pub fn compress_block_into(c: &Compression, block: &[u8], mut out: Vec<u8>) -> i
     }
 }
 
+/// The bytes of one zstd frame or gzip member known to hold `raw` bytes; `None` when it
+/// does not decode to exactly that many.
+pub fn decompress_frame(algorithm: Algorithm, frame: &[u8], raw: u64) -> Option<Vec<u8>> {
+    let n = usize::try_from(raw).ok()?;
+    let plain = match algorithm {
+        Algorithm::Zstd => zstd::bulk::decompress(frame, n).ok()?,
+        Algorithm::Gzip => {
+            let mut out = Vec::with_capacity(n);
+            flate2::read::GzDecoder::new(frame).take(raw + 1).read_to_end(&mut out).ok()?;
+            out
+        }
+    };
+    (plain.len() == n).then_some(plain)
+}
+
 /// One compressed frame of a layer: its segment key, uncompressed and compressed sizes.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Frame {
@@ -223,14 +238,7 @@ impl Reuse {
         }
         let mut frame = vec![0u8; usize::try_from(packed).ok()?];
         self.file.read_exact_at(&mut frame, off).ok()?;
-        let plain = match self.algorithm {
-            Algorithm::Zstd => zstd::bulk::decompress(&frame, block.len()).ok()?,
-            Algorithm::Gzip => {
-                let mut out = Vec::with_capacity(block.len());
-                flate2::read::GzDecoder::new(&frame[..]).take(raw + 1).read_to_end(&mut out).ok()?;
-                out
-            }
-        };
+        let plain = decompress_frame(self.algorithm, &frame, raw)?;
         (plain == block).then_some(frame)
     }
 }
@@ -412,6 +420,35 @@ impl BlockSink {
         tx.send((block, len, key, start, done_rx)).map_err(|_| io::Error::other("layer writer stopped"))?;
         if at_entry_end {
             self.seg_start = self.diff.midstate().map(|m| (self.items, m));
+        }
+        Ok(())
+    }
+
+    /// Whether the next byte starts a segment with entry `item` (the point where the
+    /// rest of the stream may be taken from an earlier blob: [`BlockSink::push_frame`]).
+    pub fn starts_segment_at(&self, item: u64) -> bool {
+        self.used == 0 && self.items == item && self.seg_start.as_ref().is_some_and(|(i, _)| *i == item)
+    }
+
+    /// Append a segment that is already compressed: `raw` its bytes, `packed` its frame,
+    /// `key` its segment key, all from an earlier blob of the same entries. Only at a
+    /// segment start. `next_item` is the entry the next frame begins with, if it begins
+    /// with one.
+    pub fn push_frame(&mut self, raw: &[u8], packed: Vec<u8>, key: Digest, next_item: Option<u64>) -> io::Result<()> {
+        if self.used != 0 {
+            return Err(io::Error::other("a ready frame can only start a segment"));
+        }
+        self.diff.update(raw);
+        self.engine.budget.acquire();
+        let (done_tx, done_rx) = sync_channel(1);
+        let _ = done_tx.send(Ok((packed, true)));
+        let start = std::mem::take(&mut self.seg_start);
+        let Some(tx) = &self.tx else { return Err(io::Error::other("layer writer thread could not start")) };
+        tx.send((Arc::new(Vec::new()), raw.len(), key, start, done_rx))
+            .map_err(|_| io::Error::other("layer writer stopped"))?;
+        if let Some(item) = next_item {
+            self.items = item;
+            self.seg_start = self.diff.midstate().map(|m| (item, m));
         }
         Ok(())
     }

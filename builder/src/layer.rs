@@ -9,7 +9,7 @@
 //!    compress in one pass.
 
 use crate::cache::{Cache, CacheError, LayerRecord, SlotFile, SlotRecord, RACY_NS};
-use crate::compress::{BlockSink, Engine, Resume, Reuse};
+use crate::compress::{decompress_frame, BlockSink, Engine, Resume, Reuse};
 use crate::plan::LayerPlan;
 use crate::spec::{Algorithm, Compression, Ownership};
 use crate::tarball::{Fixed, TarError, TarWriter};
@@ -341,14 +341,19 @@ impl LayerBuilder<'_> {
             .and_then(|k| self.cache.lookup_layer(k))
             .filter(|r| !r.frames.is_empty() && r.media_type == layer_media_type(&self.engine.compression));
         // Its first frames, when they hold exactly our first entries, are kept as they are.
-        let resume = match (&prev_record, &new_toc) {
-            (Some(r), Some(toc)) => self
-                .resume_from(r, toc, &items, started_ns, &mut out)
-                .map_err(|source| LayerError::Compress { slot: slot.to_string(), source })?,
-            _ => None,
+        let old_toc = prev_record.as_ref().and_then(|r| {
+            self.cache.blobs().read_blob(&r.toc_digest, Some(r.toc_size)).ok().and_then(|b| parse_toc(&b).ok())
+        });
+        let (resume, tail) = match (&prev_record, &new_toc, &old_toc) {
+            (Some(r), Some(toc), Some(old)) => (
+                self.resume_from(r, toc, old, &items, started_ns, &mut out)
+                    .map_err(|source| LayerError::Compress { slot: slot.to_string(), source })?,
+                tail_points(r, toc, old, &items, started_ns),
+            ),
+            _ => (None, None),
         };
         let skip = resume.as_ref().map_or(0, |r| r.item as usize);
-        let reuse = prev_record.and_then(|r| {
+        let reuse = prev_record.as_ref().and_then(|r| {
             File::open(self.cache.blob_path(&r.digest)).ok().map(|f| Reuse::new(f, algorithm, &r.frames))
         });
         let sink = BlockSink::with_reuse(self.engine.clone(), out, reuse, resume);
@@ -366,7 +371,26 @@ impl LayerBuilder<'_> {
                 }
             }
         }
-        for it in &items[skip..] {
+        let mut tailed = false;
+        for (j, it) in items.iter().enumerate().skip(skip) {
+            // The rest of the entries are the previous blob's last entries, and the stream
+            // stands where one of its frames began: take those frames as they are.
+            if let (Some(t), Some(r)) = (&tail, &prev_record) {
+                if let Some(&g) = t.points.get(&(j as u64)) {
+                    if w.sink().starts_segment_at(j as u64) {
+                        self.append_tail(w.sink(), r, g, t.delta).map_err(seg_err)?;
+                        for it in &items[j..] {
+                            if let Item::File { entry, .. } = it {
+                                if let Some(d) = hashes.get(entry.rel.as_str()) {
+                                    written.insert(entry.rel.as_str(), d.clone());
+                                }
+                            }
+                        }
+                        tailed = true;
+                        break;
+                    }
+                }
+            }
             w.sink().begin_entry(match it {
                 Item::Dir(p) => p,
                 Item::Symlink { path, .. } | Item::File { path, .. } => path,
@@ -417,8 +441,12 @@ impl LayerBuilder<'_> {
             }
             w.sink().end_entry().map_err(seg_err)?;
         }
-        w.sink().begin_entry("\0end of archive");
-        let sink = w.finish().map_err(tar_err)?;
+        let sink = if tailed {
+            w.into_inner()
+        } else {
+            w.sink().begin_entry("\0end of archive");
+            w.finish().map_err(tar_err)?
+        };
         let sealed = sink.finish().map_err(|source| LayerError::Compress { slot: slot.to_string(), source })?;
         let toc = toc_of(&items, self.ownership, &written);
         let toc_bytes = toc.to_bytes();
@@ -460,16 +488,12 @@ impl LayerBuilder<'_> {
         &self,
         prev: &LayerRecord,
         toc: &Toc,
+        old: &Toc,
         items: &[Item],
         started_ns: i64,
         out: &mut File,
     ) -> io::Result<Option<Resume>> {
-        let Some(old) =
-            self.cache.blobs().read_blob(&prev.toc_digest, Some(prev.toc_size)).ok().and_then(|b| parse_toc(&b).ok())
-        else {
-            return Ok(None);
-        };
-        let same = toc.entries.iter().zip(&old.entries).take_while(|(a, b)| a == b).count();
+        let same = toc.entries.iter().zip(old.entries.iter()).take_while(|(a, b)| a == b).count();
         let settled = items
             .iter()
             .position(|it| matches!(it, Item::File { entry, .. } if racy(entry, started_ns)))
@@ -516,6 +540,31 @@ impl LayerBuilder<'_> {
         Ok(Some(Resume { frames: kept.to_vec(), packed, diff, item: start.item }))
     }
 
+    /// Give the sink the previous blob's frames from `g` on, decompressed for the DiffID
+    /// and as they are for the blob. They come from a blob the cache vouched for (its
+    /// recorded lstat, as for a no-op build), and each must decode to its recorded size.
+    fn append_tail(&self, sink: &mut BlockSink, prev: &LayerRecord, g: usize, delta: i64) -> io::Result<()> {
+        let blob = File::open(self.cache.blob_path(&prev.digest))?;
+        let algorithm = self.engine.compression.algorithm;
+        let mut off: u64 = prev.frames[..g].iter().map(|f| f.packed).sum();
+        for (k, f) in prev.frames.iter().enumerate().skip(g) {
+            let mut packed = vec![0u8; usize::try_from(f.packed).map_err(io::Error::other)?];
+            std::os::unix::fs::FileExt::read_exact_at(&blob, &mut packed, off)?;
+            off += f.packed;
+            let Some(raw) = decompress_frame(algorithm, &packed, f.raw) else {
+                let path = self.cache.blob_path(&prev.digest);
+                let _ = std::fs::remove_file(&path);
+                return Err(io::Error::other(format!(
+                    "frame {k} of the cached blob {} is damaged; it was removed from the cache: run the build again",
+                    path.display()
+                )));
+            };
+            let next = prev.frames.get(k + 1).and_then(|n| n.start.as_ref()).map(|s| (s.item as i64 - delta) as u64);
+            sink.push_frame(&raw, packed, f.key.clone(), next)?;
+        }
+        Ok(())
+    }
+
     fn save_slot(
         &self,
         plan: &LayerPlan,
@@ -542,6 +591,35 @@ impl LayerBuilder<'_> {
         };
         self.cache.save_slot(&record, &files)
     }
+}
+
+/// Where a rebuild may take the rest of the stream from the previous blob: the new
+/// entries from `points`' keys on are the previous table of contents' last entries
+/// (shifted by `delta` = old count - new count), none of them a racy file, and the
+/// previous blob has a frame beginning there (the value, its index).
+struct Tail {
+    points: HashMap<u64, usize>,
+    delta: i64,
+}
+
+fn tail_points(prev: &LayerRecord, toc: &Toc, old: &Toc, items: &[Item], started_ns: i64) -> Option<Tail> {
+    let same = toc.entries.iter().rev().zip(old.entries.iter().rev()).take_while(|(a, b)| a == b).count();
+    let settled_from = items
+        .iter()
+        .rposition(|it| matches!(it, Item::File { entry, .. } if racy(entry, started_ns)))
+        .map_or(0, |i| i + 1);
+    let from = (toc.entries.len() - same).max(settled_from) as i64;
+    let delta = old.entries.len() as i64 - toc.entries.len() as i64;
+    let points: HashMap<u64, usize> = prev
+        .frames
+        .iter()
+        .enumerate()
+        .filter_map(|(g, f)| {
+            let j = f.start.as_ref()?.item as i64 - delta;
+            (j >= from && j > 0).then_some((j as u64, g))
+        })
+        .collect();
+    (!points.is_empty()).then_some(Tail { points, delta })
 }
 
 /// Read a table of contents blob.

@@ -180,15 +180,21 @@ impl<W: Sink> TarWriter<W> {
         Ok(h.map(|h| h.finish().0))
     }
 
-    /// Write the end-of-archive marker and hand back the sink.
     /// The sink, to tell it where entries begin and end.
     pub fn sink(&mut self) -> &mut W {
         &mut self.out
     }
 
+    /// Write the end-of-archive marker and hand back the sink.
     pub fn finish(mut self) -> Result<W, TarError> {
         self.out.write_all(&[0u8; 2 * BLOCK]).map_err(TarError::Write)?;
         Ok(self.out)
+    }
+
+    /// Hand back the sink without an end-of-archive marker: for a stream whose end was
+    /// given to the sink some other way (frames of an earlier blob that hold it).
+    pub fn into_inner(self) -> W {
+        self.out
     }
 }
 
