@@ -308,6 +308,18 @@ pub async fn build(spec: &Spec, opts: &BuildOptions) -> Result<Report, BuildErro
         let m = image::manifest(&cfg_digest, cfg_size, layers, &spec.annotations);
         manifests.push((flavour.clone(), image::to_bytes(&m), layers.clone(), tags.clone()));
     }
+    // A date tag marks when the aggregate's content became current: a build that makes
+    // the aggregate the newest date tag already names keeps that tag instead of adding
+    // one, so a no-op build leaves the output unchanged.
+    if spec.date_tag {
+        if let Some(agg) = manifests.iter_mut().find(|m| m.0 == "multiversion") {
+            if let Some(existing) = newest_date_tag_of(&out, &Digest::of(&agg.1)).await {
+                if let Some(t) = agg.3.iter_mut().find(|t| is_date_tag(t)) {
+                    *t = existing;
+                }
+            }
+        }
+    }
     let published = publisher.publish_manifests(&manifests).await?;
     pb.finish_and_clear();
     let publish_secs = t_pub.elapsed().as_secs_f64();
@@ -350,6 +362,24 @@ pub async fn build(spec: &Spec, opts: &BuildOptions) -> Result<Report, BuildErro
     report.totals_read = outcomes.iter().map(|o| o.bytes_read).sum();
     report.totals_compressed = outcomes.iter().map(|o| o.bytes_compressed).sum();
     Ok(report)
+}
+
+/// `<YYYY-MM-DD-HHMMSS>-multiversion`.
+fn is_date_tag(t: &str) -> bool {
+    let b = t.as_bytes();
+    t.len() == 30
+        && t.ends_with("-multiversion")
+        && b[..17]
+            .iter()
+            .enumerate()
+            .all(|(i, c)| if [4, 7, 10].contains(&i) { *c == b'-' } else { c.is_ascii_digit() })
+}
+
+/// The newest date tag of `out`, if it names the manifest `digest`.
+async fn newest_date_tag_of(out: &Store, digest: &Digest) -> Option<String> {
+    let newest = out.tags().await.ok()?.into_iter().filter(|t| is_date_tag(t)).max()?;
+    let m = out.get_manifest(Some(&Reference::Tag(newest.clone()))).await.ok()?;
+    (m.digest == *digest).then_some(newest)
 }
 
 /// How scap names an image: `host/repo:tag` for registries, `oci:dir:tag` for layouts.

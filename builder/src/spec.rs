@@ -58,7 +58,7 @@ pub const FIELDS: &[(&str, &str, &str)] = &[
     ("ownership.symlinks", "\"inside\" (default) or \"any\"", "With \"inside\", a symlink whose target (followed through other symlinks) leaves its tree, is absolute, or loops is an error."),
     ("image", "table", "Image metadata."),
     ("image.tags", "array of strings, default []", "Extra tags put on the aggregate image, besides \"multiversion\" and the date tag."),
-    ("image.date_tag", "bool, default true", "Also tag the aggregate as <YYYY-MM-DD-HHMMSS>-multiversion (UTC build time)."),
+    ("image.date_tag", "bool, default true", "Also tag the aggregate as <YYYY-MM-DD-HHMMSS>-multiversion (UTC build time). A build whose aggregate is the one the newest date tag already names keeps that tag and adds none, so a no-op build leaves the output unchanged."),
     ("image.labels", "table of strings", "Labels added to every image config."),
     ("image.annotations", "table of strings", "Annotations added to every image manifest."),
     ("image.platform", "\"os/arch\", default \"linux/amd64\"", "Platform chosen from a base image index; written into the config."),

@@ -151,10 +151,30 @@ fn aggregate_reuses_version_layers_and_noop_compresses_nothing() -> R {
     );
     assert!(first.layers.len() <= 64 && tags["multiversion"].len() <= 64);
 
-    let again = run_build(&spec, &opts(&out, &cache, 2))?;
+    // An hour later, the same content: the date tag that names it stays the only one,
+    // and the output is not written at all.
+    let index_before = fs::read(out.join("index.json"))?;
+    let mut later = opts(&out, &cache, 2);
+    later.now = Some(time::OffsetDateTime::now_utc() + time::Duration::hours(1));
+    let again = run_build(&spec, &later)?;
     assert_eq!(digests(&first), digests(&again));
     assert!(again.layers.iter().all(|l| !l.rebuilt && l.bytes_compressed == 0), "no-op rebuild compressed something");
     assert_eq!(again.totals.pushed, 0);
+    assert_eq!(fs::read(out.join("index.json"))?, index_before, "a no-op build changed the output's index");
+    let agg_report = again.images.iter().find(|i| i.flavour == "multiversion").ok_or("no aggregate")?;
+    let date_tags = |tags: &BTreeMap<String, Vec<String>>| tags.keys().filter(|k| k.ends_with("-multiversion")).count();
+    assert_eq!(date_tags(&layers_by_tag(&out)?), 1);
+    assert!(
+        agg_report.tags.iter().any(|t| t.ends_with("-multiversion") && tags.contains_key(t)),
+        "{:?}",
+        agg_report.tags
+    );
+    // A changed aggregate gets a date tag of its own.
+    mwfixture::edit_files(&spec.versions[0].source, 1, 5)?;
+    let mut later2 = opts(&out, &cache, 2);
+    later2.now = Some(time::OffsetDateTime::now_utc() + time::Duration::hours(2));
+    run_build(&spec, &later2)?;
+    assert_eq!(date_tags(&layers_by_tag(&out)?), 2);
     Ok(())
 }
 
