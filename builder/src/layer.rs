@@ -22,6 +22,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -372,75 +373,97 @@ impl LayerBuilder<'_> {
             }
         }
         let mut tailed = false;
-        for (j, it) in items.iter().enumerate().skip(skip) {
-            // The rest of the entries are the previous blob's last entries, and the stream
-            // stands where one of its frames began: take those frames as they are.
-            if let (Some(t), Some(r)) = (&tail, &prev_record) {
-                if let Some(&g) = t.points.get(&(j as u64)) {
-                    if w.sink().starts_segment_at(j as u64) {
-                        self.append_tail(w.sink(), r, g, t.delta).map_err(seg_err)?;
-                        for it in &items[j..] {
-                            if let Item::File { entry, .. } = it {
-                                if let Some(d) = hashes.get(entry.rel.as_str()) {
-                                    written.insert(entry.rel.as_str(), d.clone());
+        // A rebuild reads few files, scattered through a tree that may have left the page
+        // cache since the last build: a helper asks the kernel for the next ones ahead of
+        // the reads, so that their disk reads overlap instead of queueing one by one.
+        let at = AtomicUsize::new(skip);
+        let stop = AtomicBool::new(false);
+        let ahead = 2 * self.engine.compression.block_size as u64;
+        let result = std::thread::scope(|sc| {
+            if prev_record.is_some() {
+                sc.spawn(|| prefetch(&items, &plan.source, &at, &stop, ahead));
+            }
+            let r = (|| -> Result<(), LayerError> {
+                for (j, it) in items.iter().enumerate().skip(skip) {
+                    at.store(j, Ordering::Relaxed);
+                    // The rest of the entries are the previous blob's last entries, and the stream
+                    // stands where one of its frames began: take those frames as they are.
+                    if let (Some(t), Some(r)) = (&tail, &prev_record) {
+                        if let Some(&g) = t.points.get(&(j as u64)) {
+                            if w.sink().starts_segment_at(j as u64) {
+                                self.append_tail(w.sink(), r, g, t.delta).map_err(seg_err)?;
+                                for it in &items[j..] {
+                                    if let Item::File { entry, .. } = it {
+                                        if let Some(d) = hashes.get(entry.rel.as_str()) {
+                                            written.insert(entry.rel.as_str(), d.clone());
+                                        }
+                                    }
                                 }
+                                tailed = true;
+                                break;
                             }
                         }
-                        tailed = true;
-                        break;
                     }
-                }
-            }
-            w.sink().begin_entry(match it {
-                Item::Dir(p) => p,
-                Item::Symlink { path, .. } | Item::File { path, .. } => path,
-            });
-            match it {
-                Item::Dir(p) => w.dir(p, self.ownership.dir_mode).map_err(tar_err)?,
-                Item::Symlink { path, target } => w.symlink(path, target).map_err(tar_err)?,
-                Item::File { path, mode, entry } => {
-                    let src = plan.source.join(&entry.rel);
-                    // Checked once, after the copy (type, inode, size, times): one `fstat`
-                    // per file instead of two. Non-blocking, so a FIFO swapped in for the file
-                    // cannot stall the build before the check refuses it.
-                    let f = OpenOptions::new()
-                        .read(true)
-                        .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_NONBLOCK)
-                        .open(&src)
-                        .map_err(|source| LayerError::Read { slot: slot.to_string(), path: src.clone(), source })?;
-                    // A file hashed moments ago (or vouched for by its lstat) is not hashed
-                    // again unless it is racy; its lstat after the copy proves it unchanged.
-                    let known = hashes.get(entry.rel.as_str()).filter(|_| !racy(entry, started_ns));
-                    let got = w
-                        .file(path, *mode, entry.stat.size, &f, &src.to_string_lossy(), known.is_none())
-                        .map_err(tar_err)?;
-                    bytes_read += entry.stat.size;
-                    let after = f.metadata().map_err(|source| LayerError::Read {
-                        slot: slot.to_string(),
-                        path: src.clone(),
-                        source,
-                    })?;
-                    let still = after.is_file()
-                        && after.ino() == entry.stat.ino
-                        && after.len() == entry.stat.size
-                        && after.mtime() * 1_000_000_000 + after.mtime_nsec() == entry.stat.mtime_ns
-                        && after.ctime() * 1_000_000_000 + after.ctime_nsec() == entry.stat.ctime_ns;
-                    let d = match (got, known) {
-                        (Some(d), Some(k)) if &d != k => {
-                            return Err(LayerError::Changed { slot: slot.to_string(), path: src })
+                    w.sink().begin_entry(match it {
+                        Item::Dir(p) => p,
+                        Item::Symlink { path, .. } | Item::File { path, .. } => path,
+                    });
+                    match it {
+                        Item::Dir(p) => w.dir(p, self.ownership.dir_mode).map_err(tar_err)?,
+                        Item::Symlink { path, target } => w.symlink(path, target).map_err(tar_err)?,
+                        Item::File { path, mode, entry } => {
+                            let src = plan.source.join(&entry.rel);
+                            // Checked once, after the copy (type, inode, size, times): one `fstat`
+                            // per file instead of two. Non-blocking, so a FIFO swapped in for the file
+                            // cannot stall the build before the check refuses it.
+                            let f = OpenOptions::new()
+                                .read(true)
+                                .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_NONBLOCK)
+                                .open(&src)
+                                .map_err(|source| LayerError::Read {
+                                    slot: slot.to_string(),
+                                    path: src.clone(),
+                                    source,
+                                })?;
+                            // A file hashed moments ago (or vouched for by its lstat) is not hashed
+                            // again unless it is racy; its lstat after the copy proves it unchanged.
+                            let known = hashes.get(entry.rel.as_str()).filter(|_| !racy(entry, started_ns));
+                            let got = w
+                                .file(path, *mode, entry.stat.size, &f, &src.to_string_lossy(), known.is_none())
+                                .map_err(tar_err)?;
+                            bytes_read += entry.stat.size;
+                            let after = f.metadata().map_err(|source| LayerError::Read {
+                                slot: slot.to_string(),
+                                path: src.clone(),
+                                source,
+                            })?;
+                            let still = after.is_file()
+                                && after.ino() == entry.stat.ino
+                                && after.len() == entry.stat.size
+                                && after.mtime() * 1_000_000_000 + after.mtime_nsec() == entry.stat.mtime_ns
+                                && after.ctime() * 1_000_000_000 + after.ctime_nsec() == entry.stat.ctime_ns;
+                            let d = match (got, known) {
+                                (Some(d), Some(k)) if &d != k => {
+                                    return Err(LayerError::Changed { slot: slot.to_string(), path: src })
+                                }
+                                (Some(d), _) => d,
+                                (None, Some(k)) => k.clone(),
+                                (None, None) => return Err(LayerError::Changed { slot: slot.to_string(), path: src }),
+                            };
+                            if !still {
+                                return Err(LayerError::Changed { slot: slot.to_string(), path: src });
+                            }
+                            written.insert(entry.rel.as_str(), d);
                         }
-                        (Some(d), _) => d,
-                        (None, Some(k)) => k.clone(),
-                        (None, None) => return Err(LayerError::Changed { slot: slot.to_string(), path: src }),
-                    };
-                    if !still {
-                        return Err(LayerError::Changed { slot: slot.to_string(), path: src });
                     }
-                    written.insert(entry.rel.as_str(), d);
+                    w.sink().end_entry().map_err(seg_err)?;
                 }
-            }
-            w.sink().end_entry().map_err(seg_err)?;
-        }
+                Ok(())
+            })();
+            stop.store(true, Ordering::Relaxed);
+            r
+        });
+        result?;
         let sink = if tailed {
             w.into_inner()
         } else {
@@ -590,6 +613,41 @@ impl LayerBuilder<'_> {
             last_key: Some(key.clone()),
         };
         self.cache.save_slot(&record, &files)
+    }
+}
+
+/// Ask the kernel to read the files that come after entry `at` into the page cache,
+/// keeping about `ahead` bytes of them requested, until `stop`.
+fn prefetch(items: &[Item], source: &Path, at: &AtomicUsize, stop: &AtomicBool, ahead: u64) {
+    let size = |it: &Item| match it {
+        Item::File { entry, .. } => entry.stat.size,
+        _ => 0,
+    };
+    let mut cum = Vec::with_capacity(items.len() + 1);
+    cum.push(0u64);
+    for it in items {
+        cum.push(cum[cum.len() - 1] + size(it));
+    }
+    for (j, it) in items.iter().enumerate().skip(at.load(Ordering::Relaxed)) {
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let now = at.load(Ordering::Relaxed).min(j);
+            if cum[j] - cum[now] <= ahead {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        if let Item::File { entry, .. } = it {
+            let f = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_NONBLOCK)
+                .open(source.join(&entry.rel));
+            if let Ok(f) = f {
+                let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::WillNeed);
+            }
+        }
     }
 }
 
