@@ -365,13 +365,7 @@ impl LayerBuilder<'_> {
         let mut written: HashMap<&str, Digest> = HashMap::new();
         // Entries inside the kept frames are not read: their table-of-contents entries
         // (content digest included) are the ones the kept frames were made from.
-        for it in &items[..skip] {
-            if let Item::File { entry, .. } = it {
-                if let Some(d) = hashes.get(entry.rel.as_str()) {
-                    written.insert(entry.rel.as_str(), d.clone());
-                }
-            }
-        }
+        record_unread(&items[..skip], &hashes, &mut written);
         let mut tailed = false;
         // A rebuild reads few files, scattered through a tree that may have left the page
         // cache since the last build: a helper asks the kernel for the next ones ahead of
@@ -392,13 +386,7 @@ impl LayerBuilder<'_> {
                         if let Some(&g) = t.points.get(&(j as u64)) {
                             if w.sink().starts_segment_at(j as u64) {
                                 self.append_tail(w.sink(), r, g, t.delta).map_err(seg_err)?;
-                                for it in &items[j..] {
-                                    if let Item::File { entry, .. } = it {
-                                        if let Some(d) = hashes.get(entry.rel.as_str()) {
-                                            written.insert(entry.rel.as_str(), d.clone());
-                                        }
-                                    }
-                                }
+                                record_unread(&items[j..], &hashes, &mut written);
                                 tailed = true;
                                 break;
                             }
@@ -613,6 +601,18 @@ impl LayerBuilder<'_> {
             last_key: Some(key.clone()),
         };
         self.cache.save_slot(&record, &files)
+    }
+}
+
+/// The content digests of files taken unread (inside frames kept from the previous
+/// blob), as the stat cache or this build's hashing found them.
+fn record_unread<'a>(items: &[Item<'a>], hashes: &HashMap<&'a str, Digest>, written: &mut HashMap<&'a str, Digest>) {
+    for it in items {
+        if let Item::File { entry, .. } = it {
+            if let Some(d) = hashes.get(entry.rel.as_str()) {
+                written.insert(entry.rel.as_str(), d.clone());
+            }
+        }
     }
 }
 
