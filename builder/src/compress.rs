@@ -415,19 +415,30 @@ impl BlockSink {
             drop(b);
             let _ = done_tx.send(r);
         });
-        let Some(tx) = &self.tx else { return Err(io::Error::other("layer writer thread could not start")) };
-        let start = std::mem::take(&mut self.seg_start);
-        tx.send((block, len, key, start, done_rx)).map_err(|_| io::Error::other("layer writer stopped"))?;
+        self.send(block, len, key, done_rx)?;
         if at_entry_end {
             self.seg_start = self.diff.midstate().map(|m| (self.items, m));
         }
         Ok(())
     }
 
+    /// Hand a segment to the writer, with where it starts.
+    fn send(
+        &mut self,
+        block: Arc<Vec<u8>>,
+        len: usize,
+        key: Digest,
+        done: Receiver<io::Result<(Vec<u8>, bool)>>,
+    ) -> io::Result<()> {
+        let start = std::mem::take(&mut self.seg_start);
+        let Some(tx) = &self.tx else { return Err(io::Error::other("layer writer thread could not start")) };
+        tx.send((block, len, key, start, done)).map_err(|_| io::Error::other("layer writer stopped"))
+    }
+
     /// Whether the next byte starts a segment with entry `item` (the point where the
     /// rest of the stream may be taken from an earlier blob: [`BlockSink::push_frame`]).
     pub fn starts_segment_at(&self, item: u64) -> bool {
-        self.used == 0 && self.items == item && self.seg_start.as_ref().is_some_and(|(i, _)| *i == item)
+        self.used == 0 && self.seg_start.as_ref().is_some_and(|(i, _)| *i == item)
     }
 
     /// Append a segment that is already compressed: `raw` its bytes, `packed` its frame,
@@ -442,10 +453,7 @@ impl BlockSink {
         self.engine.budget.acquire();
         let (done_tx, done_rx) = sync_channel(1);
         let _ = done_tx.send(Ok((packed, true)));
-        let start = std::mem::take(&mut self.seg_start);
-        let Some(tx) = &self.tx else { return Err(io::Error::other("layer writer thread could not start")) };
-        tx.send((Arc::new(Vec::new()), raw.len(), key, start, done_rx))
-            .map_err(|_| io::Error::other("layer writer stopped"))?;
+        self.send(Arc::new(Vec::new()), raw.len(), key, done_rx)?;
         if let Some(item) = next_item {
             self.items = item;
             self.seg_start = self.diff.midstate().map(|m| (item, m));
@@ -638,7 +646,7 @@ mod tests {
             })
             .collect();
         let (old, old_bytes) = run_entries(Algorithm::Zstd, &entries, None)?;
-        // Every frame after the first begins at an entry here (no entry fills a segment).
+        // Every frame begins with an entry here (no entry fills a segment).
         assert!(old.frames.len() > 4 && old.frames.iter().all(|f| f.start.is_some()));
         let mut edited = entries.clone();
         edited[150].1.extend_from_slice(b"changed");

@@ -197,6 +197,12 @@ fn one_changed_file_changes_exactly_one_layer() -> R {
     Ok(())
 }
 
+/// A build of `spec` with a cache and an output of its own (named by `n`) under `dir`,
+/// with one compression thread.
+fn cold_build(spec: &Spec, dir: &Path, n: u64) -> R<Report> {
+    run_build(spec, &opts(&dir.join(format!("cold{n}")), &dir.join(format!("cold-cache{n}")), 1))
+}
+
 /// A rebuild takes the frames of unchanged segments from the slot's previous blob, and
 /// the result is byte for byte what a cold build of the edited tree makes.
 #[test]
@@ -211,8 +217,7 @@ fn incremental_rebuild_reuses_frames_and_equals_a_cold_build() -> R {
     for seed in 0..3u64 {
         mwfixture::edit_files(&spec.versions[0].source, 2, 500 + seed)?;
         let inc = run_build(&spec, &opts(&out, &cache, 2))?;
-        let fresh = (tmp.path().join(format!("cold{seed}")), tmp.path().join(format!("cold-cache{seed}")));
-        let cold = run_build(&spec, &opts(&fresh.0, &fresh.1, 1))?;
+        let cold = cold_build(&spec, tmp.path(), seed)?;
         assert_eq!(digests(&inc), digests(&cold), "incremental rebuild {seed} differs from a cold build");
         for l in inc.layers.iter().filter(|l| l.rebuilt) {
             compressed += l.bytes_compressed;
@@ -265,8 +270,7 @@ fn rebuild_after_an_edit_reads_only_the_frames_around_it() -> R {
         bytes.extend_from_slice(b"\n// one more line\n");
         fs::write(&victim, bytes)?;
         let inc = run_build(&spec, &opts(&out, &cache, 2))?;
-        let fresh = (tmp.path().join(format!("cold{round}")), tmp.path().join(format!("cold-cache{round}")));
-        let cold = run_build(&spec, &opts(&fresh.0, &fresh.1, 1))?;
+        let cold = cold_build(&spec, tmp.path(), 10 + round as u64)?;
         assert_eq!(digests(&inc), digests(&cold), "rebuild {round} differs from a cold build");
         let rebuilt: Vec<_> = inc.layers.iter().filter(|l| l.rebuilt).collect();
         assert_eq!(rebuilt.len(), 1, "one layer holds the edit");
