@@ -428,16 +428,16 @@ mod tests {
         let (_root, mut pool) = pool_in(t.path());
         pool.begin(job("taken", &[], 0o644)).expect("begin");
         let b = pool.buffer().expect("buffer");
-        // Not the last piece: the file is created at once, and that fails (O_EXCL).
-        pool.chunk(b, 10, false).expect("the first chunk is queued");
+        // Not the last piece: the file is created at once, and that fails (O_EXCL). A writer
+        // may fail before this call returns, so the failure may already show here.
+        let mut seen = pool.chunk(b, 10, false).err();
         // Keep sending until the failure is seen; the writers drain and give buffers back.
-        let mut seen = None;
         for _ in 0..10_000 {
-            let r = pool.buffer().and_then(|b| pool.chunk(b, CHUNK, false));
-            if let Err(e) = r {
-                seen = Some(e);
+            if seen.is_some() {
                 break;
             }
+            let r = pool.buffer().and_then(|b| pool.chunk(b, CHUNK, false));
+            seen = r.err();
         }
         let e = seen.expect("the failure reaches the sender");
         let msg = e.to_string();
