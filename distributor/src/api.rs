@@ -27,6 +27,12 @@ pub struct Announce {
     pub pieces: usize,
     /// Hex bitfield of the pieces held (see [`crate::pieces::Bitfield`]).
     pub have: String,
+    /// Peers (addresses) this one dropped because they sent bytes that did not match
+    /// their hash. Peers reported by [`crate::tracker::SUSPECT_REPORTS`] others are left
+    /// out of announce replies and availability counts, and the origin seeds them no new
+    /// piece.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dropped: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

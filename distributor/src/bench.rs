@@ -18,6 +18,19 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub use report::{lower_bound, LowerBound};
+use report::{Completion, Schedule};
+
+/// A client stream that received nothing for longer than this is a stall.
+const STALL: f64 = 2.0;
+
+/// One pull as the bench's client saw it.
+struct Pulled {
+    /// Seconds from the bench's start to the last byte.
+    done: f64,
+    digest: Digest,
+    /// The longest time without a byte, from the request on.
+    stall: f64,
+}
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -28,7 +41,8 @@ pub struct BenchArgs {
     /// Upload and download cap of every agent and of the origin (bytes/s).
     #[arg(long, default_value = "4MiB", value_parser = crate::cli::parse_size)]
     pub rate: u64,
-    /// Fraction of agents killed at T_LB/2 (they are not counted).
+    /// Fraction of agents killed at 30 % of T_LB, and as many again at 60 % (they are not
+    /// counted; the survivors are also compared with the bound recomputed for the faults).
     #[arg(long, default_value_t = 0.0)]
     pub kill: f64,
     /// Fraction of agents that start their pull at T_LB/2.
@@ -126,26 +140,31 @@ fn make_blob(dir: &Path, size: u64) -> anyhow::Result<Digest> {
     Ok(d)
 }
 
-/// GET a blob, reading it under an optional download cap; hashes it; seconds taken.
+/// GET a blob, reading it under an optional download cap; hashes it, and times the
+/// longest wait for a byte.
 async fn pull(
     http: reqwest::Client,
     url: String,
     auth: Option<String>,
     cap: Option<u64>,
     start: Instant,
-) -> anyhow::Result<(f64, Digest)> {
+) -> anyhow::Result<Pulled> {
     let lim = RateLimiter::new(cap);
     let mut req = http.get(&url);
     if let Some(a) = auth {
         req = req.header("authorization", a);
     }
+    let mut last = Instant::now();
+    let mut stall = 0f64;
     let mut resp = req.send().await?.error_for_status()?;
     let mut h = Sha256::new();
     while let Some(c) = resp.chunk().await? {
+        stall = stall.max(last.elapsed().as_secs_f64());
         lim.acquire(c.len()).await;
         h.update(&c);
+        last = Instant::now();
     }
-    Ok((start.elapsed().as_secs_f64(), Digest::from_sha256(h.finalize().into())))
+    Ok(Pulled { done: start.elapsed().as_secs_f64(), digest: Digest::from_sha256(h.finalize().into()), stall })
 }
 
 async fn metric(http: &reqwest::Client, addr: &str, name: &str) -> u64 {
@@ -207,6 +226,15 @@ fn print_utilisation(t: &Timeline, rate: u64, n: usize) {
 
 pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(a.agents > 0 && a.blob_size > 0 && a.rate > 0, "agents, blob size and rate must be positive");
+    let (n_kill, n_late) = ((a.agents as f64 * a.kill).round() as usize, (a.agents as f64 * a.late).round() as usize);
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&a.kill) && (0.0..=1.0).contains(&a.late) && 2 * n_kill + n_late < a.agents,
+        "--kill {} (killed twice over) and --late {} leave no agent that starts on time and survives; \
+         lower them",
+        a.kill,
+        a.late
+    );
+    anyhow::ensure!(a.bad_peers < a.agents - 2 * n_kill, "--bad-peers {}: more bad peers than survivors", a.bad_peers);
     let tmp = tempfile::Builder::new().prefix("mwdist-bench-").tempdir()?;
     let out = a.out.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     std::fs::create_dir_all(&out)?;
@@ -267,11 +295,23 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         agents.push(Child2::start(&args, &secret)?);
     }
     let http = reqwest::Client::builder().pool_max_idle_per_host(0).build()?;
-    let n_kill = ((n as f64) * a.kill).round() as usize;
-    let n_late = ((n as f64) * a.late).round() as usize;
-    // Killed agents are the last ones, late ones just before them (bad peers first).
-    let killed: Vec<usize> = (n - n_kill.min(n)..n).collect();
-    let late: Vec<usize> = (n.saturating_sub(n_kill + n_late)..n - n_kill.min(n)).collect();
+    // Killed agents are the last ones (the very last at 60 %, the ones before at 30 %),
+    // late ones just before them, bad peers first.
+    let (first_kill, second_kill) = (lb.t * 0.3, lb.t * 0.6);
+    let killed: Vec<usize> = (n - 2 * n_kill..n).collect();
+    let late: Vec<usize> = (n - 2 * n_kill - n_late..n - 2 * n_kill).collect();
+    let schedule: Vec<Schedule> = (0..n)
+        .map(|i| Schedule {
+            start: if late.contains(&i) { lb.t / 2.0 } else { 0.0 },
+            killed: match i {
+                i if i >= n - n_kill => Some(second_kill),
+                i if i >= n - 2 * n_kill => Some(first_kill),
+                _ => None,
+            },
+            uploads: i >= a.bad_peers,
+        })
+        .collect();
+    let bounds = report::fault_bounds(s, &schedule, r as f64, r as f64, r as f64);
     let start = Instant::now();
     let half = Duration::from_secs_f64(lb.t / 2.0);
     let mut tasks = Vec::new();
@@ -292,21 +332,23 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         timeline.clone(),
     ));
     if n_kill > 0 {
-        tokio::time::sleep(half).await;
-        for &i in &killed {
-            agents[i].kill();
+        for (at, range) in [(first_kill, n - 2 * n_kill..n - n_kill), (second_kill, n - n_kill..n)] {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(start + Duration::from_secs_f64(at))).await;
+            for i in range {
+                agents[i].kill();
+            }
         }
     }
     let mut times = Vec::new();
     let mut failures = 0;
     for (i, t) in tasks.into_iter().enumerate() {
         match t.await? {
-            Ok((secs, got)) if got == d => {
+            Ok(p) if p.digest == d => {
                 if !killed.contains(&i) {
-                    times.push((i, secs));
+                    times.push((i, p));
                 }
             }
-            Ok((_, got)) => anyhow::bail!("agent {i} delivered wrong bytes ({got})"),
+            Ok(p) => anyhow::bail!("agent {i} delivered wrong bytes ({})", p.digest),
             Err(e) if killed.contains(&i) => tracing::debug!("killed agent {i}: {e:#}"),
             Err(e) => {
                 failures += 1;
@@ -326,8 +368,12 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         }
     }
     drop(agents);
-    let p2p: Vec<f64> = times.iter().map(|(_, t)| *t).collect();
-    report::print_row("p2p", &p2p, lb.t);
+    let p2p: Vec<Completion> = times
+        .iter()
+        .map(|(i, p)| Completion { seconds: p.done, bound: bounds[*i].unwrap_or(lb.t), stall: p.stall })
+        .collect();
+    let seconds = |v: &[Completion]| v.iter().map(|c| c.seconds).collect::<Vec<f64>>();
+    report::print_row("p2p", &seconds(&p2p), lb.t);
     println!(
         "  survivors {} of {n} completed with verified bytes, {failures} failed; pieces rejected {rejected}; \
          origin egress {:.3}×S; agent peak RSS {}; piece requests refused busy {busy}",
@@ -335,6 +381,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         egress as f64 / s as f64,
         report::human(rss)
     );
+    report::print_faults(&p2p, STALL);
     print_utilisation(&timeline, r, n);
     let mut base = Vec::new();
     if !a.no_baseline {
@@ -344,14 +391,14 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             .map(|_| tokio::spawn(pull(http.clone(), url.clone(), Some(format!("Bearer {secret}")), Some(r), start)))
             .collect();
         for t in tasks {
-            let (secs, got) = t.await??;
-            anyhow::ensure!(got == d, "baseline delivered wrong bytes");
-            base.push(secs);
+            let p = t.await??;
+            anyhow::ensure!(p.digest == d, "baseline delivered wrong bytes");
+            base.push(Completion { seconds: p.done, bound: lb.t, stall: p.stall });
         }
-        report::print_row("baseline (no P2P)", &base, lb.t);
+        report::print_row("baseline (no P2P)", &seconds(&base), lb.t);
     }
     report::write_csv(&out.join("completion.csv"), &p2p, &base, lb.t)?;
-    report::write_svg(&out.join("cdf.svg"), &p2p, &base, lb.t)?;
+    report::write_svg(&out.join("cdf.svg"), &seconds(&p2p), &seconds(&base), lb.t)?;
     if a.out.is_some() {
         println!("wrote {} and {}", out.join("completion.csv").display(), out.join("cdf.svg").display());
     }

@@ -2,6 +2,8 @@
 //!
 //! An agent asks [`next`] what to request next, given which pieces it has, which are in
 //! flight, and what each known peer has. Policy:
+//! * the first [`HEAD_WINDOW`] missing pieces, if at least [`HEAD_MIN_COPIES`] peers
+//!   hold them and one can serve them (the client reads in order), then
 //! * a random piece (a per-node salt orders them) among those some live peer can serve.
 //!   Not rarest first: with every node choosing the same few rarest (newest) pieces, their
 //!   holders are swamped while the holders of everything else idle. The origin gives
@@ -14,6 +16,11 @@
 //!   second time from another peer.
 
 use crate::pieces::Bitfield;
+
+/// Missing pieces at the head of the blob (the client's read position) asked for first.
+pub const HEAD_WINDOW: usize = 2;
+/// Copies the known peers must hold of a head piece for it to go first.
+pub const HEAD_MIN_COPIES: u32 = 4;
 
 /// What the agent knows about one peer.
 #[derive(Debug, Clone)]
@@ -98,6 +105,18 @@ pub fn next_with(v: &View<'_>, avail: &[u32], lim: &Limits, salt: u64) -> Option
             .min_by_key(|(j, p)| (p.inflight, mix(*j as u64, salt ^ i as u64)))
             .map(|(j, _)| j)
     };
+    // The client reads the blob in order: the first missing pieces go first, so that its
+    // stream moves while pieces arrive. Otherwise a node that joins late, when every
+    // piece is plentiful, would get them in random order and its client nothing until
+    // the end. Only the head, and only once it is plentiful: the newest pieces, which
+    // every node lacks, stay random, so that their few holders are not swamped.
+    for i in (0..n).filter(|&i| !v.have.get(i)).take(HEAD_WINDOW) {
+        if v.pending.get(i).copied().unwrap_or(0) == 0 && avail[i] >= HEAD_MIN_COPIES {
+            if let Some(peer) = free_peer_for(i) {
+                return Some(Pick::Peer { piece: i, peer });
+            }
+        }
+    }
     let mut best: Option<(u64, usize, usize)> = None;
     let mut unrequested_missing = 0usize;
     for (i, &a) in avail.iter().enumerate() {
@@ -145,12 +164,18 @@ pub fn availability(n: usize, peers: &[PeerView]) -> Vec<u32> {
 }
 
 /// The origin's choice for a requester (super-seeding): among the first `known` pieces
-/// (those the origin has hashed) that the requester neither has nor is fetching, the one
-/// with the fewest copies in the swarm plus times the origin already sent it.
+/// (those the origin has hashed) that the requester neither has nor is fetching, first a
+/// piece sent before and presumed lost (the caller skips those sent too recently: their
+/// recipient may still pass them on), then the one with the fewest copies in the swarm
+/// plus times the origin already sent it. A lost piece goes first because nothing else
+/// can give it to the requester, which otherwise waits for it until the origin has sent
+/// every new piece (its client, reading in order, stalls for as long); sending it later
+/// would cost the same bytes.
 pub fn origin_choose(known: usize, skip: &Bitfield, avail: &[u32], served: &[u32]) -> Option<usize> {
-    (0..known)
-        .filter(|&i| !skip.get(i))
-        .min_by_key(|&i| (avail.get(i).copied().unwrap_or(0) + served.get(i).copied().unwrap_or(0), i))
+    (0..known).filter(|&i| !skip.get(i)).min_by_key(|&i| {
+        let sent = served.get(i).copied().unwrap_or(0);
+        (sent == 0, avail.get(i).copied().unwrap_or(0) + sent, i)
+    })
 }
 
 #[cfg(test)]
@@ -224,6 +249,40 @@ mod tests {
     }
 
     #[test]
+    fn the_head_goes_first_once_plentiful() {
+        let have = bits(64, &[0]);
+        let full = || PeerView { have: Bitfield::full(64), inflight: 0 };
+        let peers: Vec<PeerView> = (0..HEAD_MIN_COPIES).map(|_| full()).collect();
+        let mut pending = [0u8; 64];
+        for salt in 0..16 {
+            let v = View { have: &have, pending: &pending, peers: &peers, origin_inflight: 1 };
+            assert!(matches!(next(&v, &Limits::default(), salt), Some(Pick::Peer { piece: 1, .. })), "salt {salt}");
+        }
+        pending[1] = 1;
+        let v = View { have: &have, pending: &pending, peers: &peers, origin_inflight: 1 };
+        assert!(matches!(next(&v, &Limits::default(), 3), Some(Pick::Peer { piece: 2, .. })), "the next of the window");
+        pending[2] = 1;
+        let picks: std::collections::HashSet<_> = (0..16u64)
+            .filter_map(|salt| {
+                next(
+                    &View { have: &have, pending: &pending, peers: &peers, origin_inflight: 1 },
+                    &Limits::default(),
+                    salt,
+                )
+            })
+            .collect();
+        assert!(picks.len() > 8, "beyond the window, random: {picks:?}");
+        // Scarce head pieces (fewer holders) are not rushed.
+        let few = &peers[..HEAD_MIN_COPIES as usize - 1];
+        let picks: std::collections::HashSet<_> = (0..16u64)
+            .filter_map(|salt| {
+                next(&View { have: &have, pending: &[0; 64], peers: few, origin_inflight: 1 }, &Limits::default(), salt)
+            })
+            .collect();
+        assert!(picks.len() > 8, "scarce head, random: {picks:?}");
+    }
+
+    #[test]
     fn salts_spread_nodes_over_pieces() {
         let have = bits(64, &[]);
         let peers = vec![PeerView { have: Bitfield::full(64), inflight: 0 }];
@@ -239,8 +298,12 @@ mod tests {
     #[test]
     fn origin_sends_each_piece_about_once() {
         let skip = bits(4, &[0]);
-        assert_eq!(origin_choose(4, &skip, &[0, 1, 0, 0], &[0, 0, 1, 0]), Some(3));
+        // New pieces: the one with the fewest copies.
+        assert_eq!(origin_choose(4, &skip, &[0, 1, 0, 0], &[0, 0, 0, 0]), Some(2));
         assert_eq!(origin_choose(2, &skip, &[0, 1, 0, 0], &[0, 0, 0, 0]), Some(1));
         assert_eq!(origin_choose(1, &skip, &[], &[]), None);
+        // A piece sent before and not skipped is presumed lost: it goes before new ones.
+        assert_eq!(origin_choose(4, &skip, &[0, 1, 0, 0], &[0, 1, 0, 0]), Some(1));
+        assert_eq!(origin_choose(4, &bits(4, &[0, 1]), &[0, 1, 0, 0], &[0, 1, 0, 0]), Some(2), "unless skipped");
     }
 }

@@ -95,7 +95,8 @@ struct BlobState {
     complete: bool,
     failed: Option<String>,
     served: Vec<u32>,
-    last_served: Vec<Option<std::time::Instant>>,
+    /// When each piece was last sent, and to whom (the requester's peer address).
+    last_served: Vec<Option<(std::time::Instant, Option<String>)>>,
 }
 
 impl Blob {
@@ -384,7 +385,15 @@ async fn pieces_handler(
 }
 
 /// Super-seeding: send the requester a piece it lacks that the swarm has fewest of.
-async fn seed_handler(State(o): State<Arc<Origin>>, AxPath(d): AxPath<String>, Query(q): Query<NameQuery>) -> Response {
+/// A requester the swarm reports for bad bytes gets only pieces sent before (presumed
+/// lost): every new piece it received would be lost to the others, who drop it.
+async fn seed_handler(
+    State(o): State<Arc<Origin>>,
+    AxPath(d): AxPath<String>,
+    Query(q): Query<NameQuery>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let requester = headers.get(crate::api::PEER_ADDR).and_then(|v| v.to_str().ok()).map(str::to_string);
     let d = match parse_digest(&d) {
         Ok(d) => d,
         Err(r) => return *r,
@@ -405,7 +414,8 @@ async fn seed_handler(State(o): State<Arc<Origin>>, AxPath(d): AxPath<String>, Q
     let mut rx = b.changed.subscribe();
     let deadline = tokio::time::Instant::now() + SEED_WAIT;
     let (i, hash) = loop {
-        let avail = o.tracker.availability(&d.to_string(), n).await;
+        let crate::tracker::Availability { copies: avail, suspects } = o.tracker.availability(&d.to_string(), n).await;
+        let suspect = requester.as_ref().is_some_and(|r| suspects.contains(r));
         {
             let mut s = b.state.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(f) = &s.failed {
@@ -417,18 +427,23 @@ async fn seed_handler(State(o): State<Arc<Origin>>, AxPath(d): AxPath<String>, Q
             // the more live peers announced it, the longer: the requester knows only a
             // sample of the swarm, the tracker knows it all.
             let mut skip = skip.clone();
-            for (i, t) in s.last_served.iter().enumerate() {
+            // A piece last sent to a peer now reported for bad bytes is lost at once.
+            for (i, last) in s.last_served.iter().enumerate() {
                 let holders = avail.get(i).copied().unwrap_or(0).saturating_sub(RESEND_HOLDERS);
-                if t.is_some_and(|t| t.elapsed() < RESEND_AFTER * (1 + holders)) {
+                let fresh = last.as_ref().is_some_and(|(t, to)| {
+                    t.elapsed() < RESEND_AFTER * (1 + holders) && !to.as_ref().is_some_and(|a| suspects.contains(a))
+                });
+                if fresh || (suspect && last.is_none()) {
                     skip.set(i);
                 }
             }
             if let Some(i) = origin_choose(s.hashes.len(), &skip, &avail, &s.served) {
                 s.served[i] += 1;
-                s.last_served[i] = Some(std::time::Instant::now());
+                s.last_served[i] = Some((std::time::Instant::now(), requester.clone()));
                 break (i, s.hashes[i].clone());
             }
-            if s.complete {
+            // A suspect does not hold the slot waiting for new pieces it would not get.
+            if s.complete || suspect {
                 return StatusCode::NO_CONTENT.into_response();
             }
         }

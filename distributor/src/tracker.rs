@@ -28,6 +28,9 @@ const AVAILABILITY_FRESH: Duration = Duration::from_millis(250);
 const AVAILABILITY_RETRY: Duration = Duration::from_secs(2);
 
 pub const TTL: Duration = Duration::from_secs(6);
+/// Live peers that must report a peer for bad bytes before the swarm leaves it out (one
+/// report could be a mistake or a grudge; a single bad peer cannot exclude anyone).
+pub const SUSPECT_REPORTS: usize = 2;
 /// Peers returned per announce at most (a random sample when there are more).
 pub const MAX_PEERS: usize = 64;
 
@@ -35,6 +38,19 @@ struct Entry {
     info: PeerInfo,
     have: Bitfield,
     seen: Instant,
+    /// Addresses this peer reports for bad bytes.
+    dropped: Vec<String>,
+}
+
+/// The addresses reported by at least [`SUSPECT_REPORTS`] of a swarm's live peers.
+fn suspects<'a>(live: impl Iterator<Item = &'a Entry>) -> std::collections::HashSet<String> {
+    let mut reports: HashMap<&str, usize> = HashMap::new();
+    for e in live {
+        for a in &e.dropped {
+            *reports.entry(a.as_str()).or_default() += 1;
+        }
+    }
+    reports.into_iter().filter(|(_, n)| *n >= SUSPECT_REPORTS).map(|(a, _)| a.to_string()).collect()
 }
 
 #[derive(Default)]
@@ -50,40 +66,52 @@ impl Tracker {
         let mut swarms = self.swarms.lock().unwrap_or_else(|p| p.into_inner());
         let swarm = swarms.entry(a.digest.clone()).or_default();
         swarm.retain(|_, e| now.duration_since(e.seen) < TTL);
-        let mut peers: Vec<PeerInfo> =
-            swarm.iter().filter(|(id, _)| **id != a.peer_id).map(|(_, e)| e.info.clone()).collect();
+        let id = a.peer_id.clone();
+        let info = PeerInfo { peer_id: a.peer_id.clone(), addr: a.addr, have: a.have };
+        let mut dropped = a.dropped;
+        dropped.truncate(MAX_PEERS);
+        swarm.insert(a.peer_id, Entry { info, have, seen: now, dropped });
+        let suspect = suspects(swarm.values());
+        let mut peers: Vec<PeerInfo> = swarm
+            .iter()
+            .filter(|(other, e)| **other != id && !suspect.contains(&e.info.addr))
+            .map(|(_, e)| e.info.clone())
+            .collect();
         if peers.len() > MAX_PEERS {
             use rand::seq::SliceRandom as _;
             peers.shuffle(&mut rand::thread_rng());
             peers.truncate(MAX_PEERS);
         }
-        let info = PeerInfo { peer_id: a.peer_id.clone(), addr: a.addr, have: a.have };
-        swarm.insert(a.peer_id, Entry { info, have, seen: now });
         Ok(AnnounceReply { peers, ttl_secs: TTL.as_secs() })
     }
 
-    /// Copies of each of a blob's `n` pieces held by live peers.
-    pub fn availability(&self, digest: &str, n: usize) -> Vec<u32> {
-        let mut a = vec![0u32; n];
+    /// Copies of each of a blob's `n` pieces held by live peers that are not suspects,
+    /// and the suspects.
+    pub fn availability(&self, digest: &str, n: usize) -> Availability {
+        let mut copies = vec![0u32; n];
         let swarms = self.swarms.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        for e in swarms.get(digest).into_iter().flat_map(|s| s.values()) {
-            if now.duration_since(e.seen) < TTL && e.have.len() == n {
-                for (i, slot) in a.iter_mut().enumerate() {
-                    if e.have.get(i) {
-                        *slot += 1;
-                    }
-                }
+        let live =
+            || swarms.get(digest).into_iter().flat_map(|s| s.values()).filter(|e| now.duration_since(e.seen) < TTL);
+        let suspect = suspects(live());
+        for e in live() {
+            if e.have.len() == n && !suspect.contains(&e.info.addr) {
+                e.have.add_to(&mut copies);
             }
         }
-        a
+        let mut suspects: Vec<String> = suspect.into_iter().collect();
+        suspects.sort();
+        Availability { copies, suspects }
     }
 }
 
-/// `GET /dist/v1/availability/<digest>?pieces=<n>`: copies of each piece held by live peers.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `GET /dist/v1/availability/<digest>?pieces=<n>`: copies of each piece held by live peers,
+/// and the peers reported for bad bytes (whose pieces are not counted).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Availability {
     pub copies: Vec<u32>,
+    #[serde(default)]
+    pub suspects: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -103,7 +131,7 @@ pub struct Remote {
     secret: Secret,
     http: reqwest::Client,
     /// Answers by digest, with when they go stale.
-    cache: Mutex<HashMap<String, (Instant, Vec<u32>)>>,
+    cache: Mutex<HashMap<String, (Instant, Availability)>>,
 }
 
 impl TrackerLink {
@@ -141,9 +169,10 @@ impl TrackerLink {
         }
     }
 
-    /// Copies of each of a blob's `n` pieces held by live peers (all zero when a remote
-    /// tracker cannot be reached: the origin then just serves what is asked).
-    pub async fn availability(&self, digest: &str, n: usize) -> Vec<u32> {
+    /// Copies of each of a blob's `n` pieces held by live peers, and the suspects (all
+    /// zero and none when a remote tracker cannot be reached: the origin then just serves
+    /// what is asked).
+    pub async fn availability(&self, digest: &str, n: usize) -> Availability {
         let r = match self {
             TrackerLink::Local(t) => return t.availability(digest, n),
             TrackerLink::Remote(r) => r,
@@ -151,7 +180,7 @@ impl TrackerLink {
         {
             let cache = r.cache.lock().unwrap_or_else(|p| p.into_inner());
             if let Some((until, v)) = cache.get(digest) {
-                if Instant::now() < *until && v.len() == n {
+                if Instant::now() < *until && v.copies.len() == n {
                     return v.clone();
                 }
             }
@@ -160,7 +189,7 @@ impl TrackerLink {
         let got = async {
             let resp = r.http.get(url).header("authorization", r.secret.header_value()).send().await.ok()?;
             let a: Availability = resp.error_for_status().ok()?.json().await.ok()?;
-            (a.copies.len() == n).then_some(a.copies)
+            (a.copies.len() == n).then_some(a)
         }
         .await;
         // A failure is remembered longer, so that a tracker down does not slow every
@@ -169,7 +198,7 @@ impl TrackerLink {
             Some(v) => (v, AVAILABILITY_FRESH),
             None => {
                 tracing::warn!("origin: no piece availability for {digest} from the tracker {}", r.addr);
-                (vec![0; n], AVAILABILITY_RETRY)
+                (Availability { copies: vec![0; n], suspects: Vec::new() }, AVAILABILITY_RETRY)
             }
         };
         let now = Instant::now();
@@ -204,7 +233,7 @@ async fn availability_handler(
     if q.pieces > 1 << 20 {
         return registry_error(StatusCode::BAD_REQUEST, "UNKNOWN", "too many pieces");
     }
-    Json(Availability { copies: t.availability(&d, q.pieces).await }).into_response()
+    Json(t.availability(&d, q.pieces).await).into_response()
 }
 
 /// `mwdist tracker`: the tracker alone, for several origins.
@@ -228,6 +257,7 @@ mod tests {
             digest: "d".into(),
             pieces: have.len(),
             have: have.to_hex(),
+            dropped: Vec::new(),
         }
     }
 
@@ -240,10 +270,28 @@ mod tests {
         let r = t.announce(ann("b", &b)).expect("valid");
         assert_eq!(r.peers.len(), 1);
         assert_eq!(r.peers[0].peer_id, "a");
-        assert_eq!(t.availability("d", 3), vec![0, 1, 0]);
+        assert_eq!(t.availability("d", 3).copies, vec![0, 1, 0]);
         assert_eq!(t.announce(ann("a", &b)).expect("valid").peers.len(), 1, "re-announce replaces");
-        assert_eq!(t.availability("d", 3), vec![0, 2, 0]);
+        assert_eq!(t.availability("d", 3).copies, vec![0, 2, 0]);
         let bad = Announce { pieces: 30, ..ann("c", &b) };
         assert!(t.announce(bad).is_err());
+    }
+
+    #[test]
+    fn a_peer_two_others_report_is_left_out() {
+        let t = Tracker::default();
+        let mut b = Bitfield::new(2);
+        b.set(0);
+        let report = |id: &str| Announce { dropped: vec!["bad:1".into()], ..ann(id, &Bitfield::new(2)) };
+        t.announce(ann("bad", &b)).expect("valid");
+        t.announce(report("a")).expect("valid");
+        assert_eq!(t.availability("d", 2), Availability { copies: vec![1, 0], suspects: vec![] }, "one report");
+        let r = t.announce(report("b")).expect("valid");
+        assert_eq!(t.availability("d", 2), Availability { copies: vec![0, 0], suspects: vec!["bad:1".into()] });
+        assert!(r.peers.iter().all(|p| p.addr != "bad:1"), "not handed out: {:?}", r.peers);
+        assert_eq!(r.peers.len(), 1, "the other reporter is");
+        // Reports count only while their reporter is live and still reports.
+        t.announce(ann("a", &Bitfield::new(2))).expect("valid");
+        assert_eq!(t.availability("d", 2).copies, vec![1, 0]);
     }
 }

@@ -77,6 +77,7 @@ async fn seeders(tracker: &str, d: &Digest, size: u64) -> usize {
         digest: d.to_string(),
         pieces: n,
         have: empty.to_hex(),
+        dropped: Vec::new(),
     };
     let url = format!("http://{tracker}/dist/v1/announce");
     let Ok(r) = client().post(url).header("authorization", bearer()).json(&a).send().await else { return 0 };

@@ -27,6 +27,11 @@ pub use transfer::Transfer;
 
 /// How long a peer that served bad bytes stays dropped.
 pub const BAN: Duration = Duration::from_secs(300);
+/// How long a peer that refused the connection (it died, or is restarting) is left out,
+/// even if the tracker still lists it: longer than the tracker keeps an entry that is not
+/// announced again, so that a dead peer's pieces are not waited for, nor held back from
+/// the origin's choice, until the tracker forgets it.
+pub const UNREACHABLE: Duration = Duration::from_secs(8);
 
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
@@ -58,7 +63,9 @@ pub struct Agent {
     pub advertise: String,
     http: reqwest::Client,
     transfers: tokio::sync::Mutex<HashMap<Digest, Arc<Transfer>>>,
-    banned: Mutex<HashMap<String, Instant>>,
+    /// Peers left out, until when: for bad bytes ([`BAN`]) or a refused connection
+    /// ([`UNREACHABLE`]); whether for bad bytes (those are reported to the tracker).
+    banned: Mutex<HashMap<String, (Instant, bool)>>,
     pub up: Arc<RateLimiter>,
     /// Concurrent piece uploads to peers.
     pub upload_slots: Arc<tokio::sync::Semaphore>,
@@ -153,17 +160,36 @@ impl Agent {
 
     pub fn is_banned(&self, addr: &str) -> bool {
         let b = self.banned.lock().unwrap_or_else(|p| p.into_inner());
-        b.get(addr).is_some_and(|t| t.elapsed() < BAN)
+        b.get(addr).is_some_and(|(until, _)| Instant::now() < *until)
+    }
+
+    /// The peers dropped for bad bytes and still banned.
+    pub fn dropped_for_bad_bytes(&self) -> Vec<String> {
+        let now = Instant::now();
+        let b = self.banned.lock().unwrap_or_else(|p| p.into_inner());
+        b.iter().filter(|(_, (until, bad))| *bad && now < *until).map(|(a, _)| a.clone()).collect()
     }
 
     pub fn ban(&self, addr: &str) {
         let mut b = self.banned.lock().unwrap_or_else(|p| p.into_inner());
-        if b.get(addr).is_some_and(|t| t.elapsed() < BAN) {
+        let until = Instant::now() + BAN;
+        if b.get(addr).is_some_and(|(t, bad)| *bad && *t >= until - Duration::from_secs(1)) {
             return;
         }
         tracing::warn!("agent: dropping peer {addr}: it served bytes that do not match their hash");
         self.metrics.add(crate::metrics::M::PeersDropped, 1);
-        b.insert(addr.to_string(), Instant::now());
+        b.insert(addr.to_string(), (until, true));
+    }
+
+    /// `addr` refused a connection: leave it out for [`UNREACHABLE`] (a ban stays).
+    pub fn unreachable(&self, addr: &str) {
+        let mut b = self.banned.lock().unwrap_or_else(|p| p.into_inner());
+        let until = Instant::now() + UNREACHABLE;
+        if b.get(addr).is_some_and(|(t, _)| *t >= until) {
+            return;
+        }
+        tracing::info!("agent: peer {addr} refused the connection; leaving it out for {UNREACHABLE:?}");
+        b.insert(addr.to_string(), (until, false));
     }
 
     fn auth(&self) -> String {

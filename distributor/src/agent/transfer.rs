@@ -445,6 +445,14 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
                     }
                 }
                 Ok(Reply::Nothing) => origin_quiet_until = Instant::now() + ORIGIN_QUIET,
+                Ok(Reply::Unreachable(e)) => {
+                    // Its pieces are neither waited for nor held back from the origin.
+                    tracing::debug!("agent: {} from {src:?}: {e}", t.digest);
+                    if let Source::Peer(a) = &src {
+                        agent.unreachable(a);
+                        peers.remove(a);
+                    }
+                }
                 Ok(Reply::Busy(have)) => {
                     if let Source::Peer(a) = &src {
                         if let Some(h) = have.and_then(|h| Bitfield::from_hex(&h, n)) {

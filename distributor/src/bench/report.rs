@@ -22,6 +22,48 @@ pub fn lower_bound(size: u64, n: usize, u_seed: f64, u: f64, d: f64) -> LowerBou
     LowerBound { t: seed.max(download).max(aggregate), seed, download, aggregate }
 }
 
+/// One agent of a faulty run, for [`fault_bounds`]: when it starts pulling, when it is
+/// killed (if it is), and whether its uploads count (a peer serving corrupt pieces gives
+/// the swarm nothing).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Schedule {
+    pub start: f64,
+    pub killed: Option<f64>,
+    pub uploads: bool,
+}
+
+/// The lower bound recomputed for a run with late joiners, kills and bad peers: for each
+/// agent that is not killed, `max(start + S/d, S/U_seed, T_agg)`, where `T_agg` is the
+/// earliest time at which the upload that exists (the origin's, and each honest agent's
+/// from its start until it is killed) could have carried `S` to every survivor. Fluid,
+/// like [`lower_bound`]: it ignores that an agent can only upload what it already has.
+/// `None` for the killed agents.
+pub fn fault_bounds(size: u64, agents: &[Schedule], u_seed: f64, u: f64, d: f64) -> Vec<Option<f64>> {
+    let s = size as f64;
+    let survivors = agents.iter().filter(|a| a.killed.is_none()).count() as f64;
+    let need = survivors * s;
+    let carried = |t: f64| {
+        u_seed * t
+            + u * agents
+                .iter()
+                .filter(|a| a.uploads)
+                .map(|a| (a.killed.unwrap_or(f64::INFINITY).min(t) - a.start).max(0.0))
+                .sum::<f64>()
+    };
+    // `carried` grows without bound (the origin always uploads): bisect.
+    let (mut lo, mut hi) = (0.0, s / u_seed * survivors.max(1.0));
+    for _ in 0..100 {
+        let mid = (lo + hi) / 2.0;
+        if carried(mid) >= need {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    let floor = hi.max(s / u_seed);
+    agents.iter().map(|a| a.killed.is_none().then(|| (a.start + s / d).max(floor))).collect()
+}
+
 /// The `q` quantile (nearest rank) of `v`.
 pub fn quantile(v: &[f64], q: f64) -> f64 {
     let mut s = v.to_vec();
@@ -43,6 +85,21 @@ pub fn print_row(label: &str, v: &[f64], t_lb: f64) {
     );
 }
 
+/// The survivors against their own bounds ([`fault_bounds`]) and their longest stalls.
+pub fn print_faults(v: &[Completion], stall_limit: f64) {
+    let ratios: Vec<f64> = v.iter().map(|c| c.seconds / c.bound).collect();
+    let stalls: Vec<f64> = v.iter().map(|c| c.stall).collect();
+    let over = stalls.iter().filter(|s| **s > stall_limit).count();
+    println!(
+        "  against the bound recomputed for the faults: p50 {:.2}×, p99 {:.2}×, max {:.2}×; \
+         longest stall of a client {:.2} s, {over} over {stall_limit:.0} s",
+        quantile(&ratios, 0.5),
+        quantile(&ratios, 0.99),
+        quantile(&ratios, 1.0),
+        quantile(&stalls, 1.0),
+    );
+}
+
 pub fn human(n: u64) -> String {
     match n {
         n if n >= 1 << 30 => format!("{:.1}GiB", n as f64 / (1u64 << 30) as f64),
@@ -52,13 +109,31 @@ pub fn human(n: u64) -> String {
     }
 }
 
-pub fn write_csv(path: &Path, p2p: &[f64], base: &[f64], t_lb: f64) -> std::io::Result<()> {
-    let mut s = String::from("mode,seconds,ratio_to_t_lb\n");
+/// One completed pull: seconds from the bench's start, the agent's own lower bound (see
+/// [`fault_bounds`]; `T_LB` without faults), and the longest time its client received no
+/// byte (the wait for the first byte included).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Completion {
+    pub seconds: f64,
+    pub bound: f64,
+    pub stall: f64,
+}
+
+pub fn write_csv(path: &Path, p2p: &[Completion], base: &[Completion], t_lb: f64) -> std::io::Result<()> {
+    let mut s = String::from("mode,seconds,ratio_to_t_lb,own_bound_seconds,ratio_to_own_bound,longest_stall_seconds\n");
     for (mode, v) in [("p2p", p2p), ("baseline", base)] {
         let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        for t in v {
-            let _ = writeln!(s, "{mode},{t:.4},{:.4}", t / t_lb);
+        v.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
+        for c in v {
+            let _ = writeln!(
+                s,
+                "{mode},{:.4},{:.4},{:.4},{:.4},{:.4}",
+                c.seconds,
+                c.seconds / t_lb,
+                c.bound,
+                c.seconds / c.bound,
+                c.stall
+            );
         }
     }
     std::fs::write(path, s)
@@ -124,6 +199,42 @@ mod tests {
     }
 
     #[test]
+    fn fault_bounds_follow_the_schedule() {
+        let mib = 1u64 << 20;
+        let r = mib as f64;
+        let on = |start| Schedule { start, killed: None, uploads: true };
+        // No faults: the plain bound for everyone.
+        let plain: Vec<Schedule> = (0..100).map(|_| on(0.0)).collect();
+        let lb = lower_bound(32 * mib, 100, r, r, r);
+        for b in fault_bounds(32 * mib, &plain, r, r, r) {
+            assert!(b.is_some_and(|b| (b - lb.t).abs() < 1e-6), "{b:?} vs {}", lb.t);
+        }
+        // A late joiner cannot finish before its start plus S/d.
+        let mut v = plain.clone();
+        v[0] = on(16.0);
+        let b: Vec<f64> = fault_bounds(32 * mib, &v, r, r, r).into_iter().flatten().collect();
+        assert!((b[0] - 48.0).abs() < 1e-6 && (b[1] - 32.0).abs() < 1e-6, "{b:?}");
+        // Upload-bound: 10 agents capped at a quarter of their download. Killing half of
+        // them early leaves less upload for the survivors: the aggregate term grows.
+        let few: Vec<Schedule> = (0..10).map(|_| on(0.0)).collect();
+        let agg = lower_bound(8 * mib, 10, r, r / 4.0, r).aggregate;
+        let b = fault_bounds(8 * mib, &few, r, r / 4.0, r);
+        assert!(b[0].is_some_and(|b| (b - agg).abs() < 1e-6), "{b:?} vs {agg}");
+        let mut killed = few.clone();
+        for a in &mut killed[5..] {
+            a.killed = Some(1.0);
+        }
+        let k = fault_bounds(8 * mib, &killed, r, r / 4.0, r);
+        assert!(k[5..].iter().all(Option::is_none), "bounds only for survivors: {k:?}");
+        // 5 survivors need 40 MiB: 1·T + 5·T/4 + 5·1/4 = 40  =>  T = 38.75 / 2.25.
+        assert!(k[0].is_some_and(|b| (b - 38.75 / 2.25).abs() < 1e-6), "{k:?}");
+        // A bad peer's upload is worth nothing.
+        let mut bad = few.clone();
+        bad[0].uploads = false;
+        assert!(fault_bounds(8 * mib, &bad, r, r / 4.0, r)[0].is_some_and(|b| b > agg + 0.1));
+    }
+
+    #[test]
     fn quantiles_are_nearest_rank() {
         let v: Vec<f64> = (1..=100).map(f64::from).collect();
         assert_eq!((quantile(&v, 0.5), quantile(&v, 0.99), quantile(&v, 1.0)), (50.0, 99.0, 100.0));
@@ -133,7 +244,8 @@ mod tests {
     #[test]
     fn outputs_are_written() {
         let dir = tempfile::tempdir().expect("tempdir");
-        write_csv(&dir.path().join("c.csv"), &[1.0, 2.0], &[8.0], 1.0).expect("csv");
+        let c = |seconds| Completion { seconds, bound: 1.0, stall: 0.1 };
+        write_csv(&dir.path().join("c.csv"), &[c(1.0), c(2.0)], &[c(8.0)], 1.0).expect("csv");
         write_svg(&dir.path().join("c.svg"), &[1.0, 2.0], &[8.0], 1.0).expect("svg");
         let csv = std::fs::read_to_string(dir.path().join("c.csv")).expect("read");
         assert_eq!(csv.lines().count(), 4);

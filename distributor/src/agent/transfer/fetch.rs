@@ -67,6 +67,8 @@ pub(super) enum Reply {
     Nothing,
     /// The peer's upload slots are taken; its current bitfield, if it sent one.
     Busy(Option<String>),
+    /// The peer could not be connected to (it died, or is restarting).
+    Unreachable(String),
 }
 
 /// A piece received: its index and bytes, the hash the origin claims for it, and the
@@ -125,7 +127,11 @@ pub(super) async fn fetch_from_peer(agent: Arc<Agent>, t: Arc<Transfer>, addr: S
             .timeout(REQUEST_TIMEOUT)
             .send()
             .await;
-        let resp = resp.map_err(|e| e.to_string())?;
+        let resp = match resp {
+            Ok(r) => r,
+            Err(e) if e.is_connect() => return Ok(Reply::Unreachable(e.to_string())),
+            Err(e) => return Err(e.to_string()),
+        };
         let have = resp.headers().get(crate::api::PEER_HAVE).and_then(|v| v.to_str().ok()).map(str::to_string);
         if resp.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE {
             return Ok(Reply::Busy(have));
@@ -149,7 +155,14 @@ pub(super) async fn fetch_from_origin(agent: Arc<Agent>, t: Arc<Transfer>, skip:
         skip.to_hex()
     );
     let r = async {
-        let resp = agent.http.get(&url).header("authorization", agent.auth()).timeout(REQUEST_TIMEOUT).send().await;
+        let resp = agent
+            .http
+            .get(&url)
+            .header("authorization", agent.auth())
+            .header(crate::api::PEER_ADDR, &agent.advertise)
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await;
         let resp = resp.map_err(|e| format!("origin: {e}"))?;
         if resp.status() == reqwest::StatusCode::NO_CONTENT {
             return Ok(Reply::Nothing);
@@ -178,6 +191,7 @@ pub(super) async fn announce(agent: &Agent, t: &Transfer) -> Result<AnnounceRepl
         digest: t.digest.to_string(),
         pieces: t.geo.count(),
         have: t.lock().have.to_hex(),
+        dropped: agent.dropped_for_bad_bytes(),
     };
     let tracker = agent.opts.tracker.as_deref().unwrap_or(&agent.opts.origin);
     let url = format!("http://{tracker}/dist/v1/announce");
