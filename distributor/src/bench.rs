@@ -28,8 +28,12 @@ struct Pulled {
     /// Seconds from the bench's start to the last byte.
     done: f64,
     digest: Digest,
-    /// The longest time without a byte, from the request on.
+    /// Seconds from the request to the first byte of the body.
+    first_byte: f64,
+    /// The longest time without a byte after the first one, and when (seconds from the
+    /// bench's start) it ended.
     stall: f64,
+    stall_end: f64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -154,17 +158,30 @@ async fn pull(
     if let Some(a) = auth {
         req = req.header("authorization", a);
     }
-    let mut last = Instant::now();
-    let mut stall = 0f64;
+    let asked = Instant::now();
+    let (mut first_byte, mut last) = (None, asked);
+    let (mut stall, mut stall_end) = (0f64, 0f64);
     let mut resp = req.send().await?.error_for_status()?;
     let mut h = Sha256::new();
     while let Some(c) = resp.chunk().await? {
-        stall = stall.max(last.elapsed().as_secs_f64());
+        match first_byte {
+            None => first_byte = Some(asked.elapsed().as_secs_f64()),
+            Some(_) if last.elapsed().as_secs_f64() > stall => {
+                (stall, stall_end) = (last.elapsed().as_secs_f64(), start.elapsed().as_secs_f64());
+            }
+            Some(_) => {}
+        }
         lim.acquire(c.len()).await;
         h.update(&c);
         last = Instant::now();
     }
-    Ok(Pulled { done: start.elapsed().as_secs_f64(), digest: Digest::from_sha256(h.finalize().into()), stall })
+    Ok(Pulled {
+        done: start.elapsed().as_secs_f64(),
+        digest: Digest::from_sha256(h.finalize().into()),
+        first_byte: first_byte.unwrap_or_else(|| asked.elapsed().as_secs_f64()),
+        stall,
+        stall_end,
+    })
 }
 
 async fn metric(http: &reqwest::Client, addr: &str, name: &str) -> u64 {
@@ -360,23 +377,31 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     let timeline = timeline.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let egress = metric(&http, &origin_addr, "mwdist_bytes_up_total{to=\"peers\"}").await;
     let rss = agents.iter().filter_map(Child2::peak_rss).max().unwrap_or(0);
-    let (mut rejected, mut busy) = (0, 0);
+    let (mut rejected, mut busy, mut replans) = (0, 0, 0);
     for (i, ag) in agents.iter().enumerate() {
         if !killed.contains(&i) {
             rejected += metric(&http, &ag.field("peer")?, "mwdist_pieces_rejected_total").await;
             busy += metric(&http, &ag.field("peer")?, "mwdist_piece_requests_busy_total").await;
+            replans += metric(&http, &ag.field("peer")?, "mwdist_watchdog_replans_total").await;
         }
     }
     drop(agents);
     let p2p: Vec<Completion> = times
         .iter()
-        .map(|(i, p)| Completion { seconds: p.done, bound: bounds[*i].unwrap_or(lb.t), stall: p.stall })
+        .map(|(i, p)| Completion {
+            seconds: p.done,
+            bound: bounds[*i].unwrap_or(lb.t),
+            first_byte: p.first_byte,
+            stall: p.stall,
+            stall_end: p.stall_end,
+        })
         .collect();
     let seconds = |v: &[Completion]| v.iter().map(|c| c.seconds).collect::<Vec<f64>>();
     report::print_row("p2p", &seconds(&p2p), lb.t);
     println!(
         "  survivors {} of {n} completed with verified bytes, {failures} failed; pieces rejected {rejected}; \
-         origin egress {:.3}×S; agent peak RSS {}; piece requests refused busy {busy}",
+         origin egress {:.3}×S; agent peak RSS {}; piece requests refused busy {busy}; \
+         transfers with no byte for 2 s (watchdog re-plans) {replans}",
         p2p.len(),
         egress as f64 / s as f64,
         report::human(rss)
@@ -393,7 +418,13 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         for t in tasks {
             let p = t.await??;
             anyhow::ensure!(p.digest == d, "baseline delivered wrong bytes");
-            base.push(Completion { seconds: p.done, bound: lb.t, stall: p.stall });
+            base.push(Completion {
+                seconds: p.done,
+                bound: lb.t,
+                first_byte: p.first_byte,
+                stall: p.stall,
+                stall_end: p.stall_end,
+            });
         }
         report::print_row("baseline (no P2P)", &seconds(&base), lb.t);
     }

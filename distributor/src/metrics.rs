@@ -24,9 +24,10 @@ pub enum M {
     BlobsEvicted,
     PeerRequestsBusy,
     ConnectionsRefused,
+    WatchdogReplans,
 }
 
-const ALL: [(M, &str, &str, &str); 17] = [
+const ALL: [(M, &str, &str, &str); 18] = [
     (M::BytesDownPeers, "mwdist_bytes_down_total{source=\"peers\"}", "counter", "Bytes received"),
     (M::BytesDownOrigin, "mwdist_bytes_down_total{source=\"origin\"}", "counter", ""),
     (M::BytesDownUpstream, "mwdist_bytes_down_total{source=\"upstream\"}", "counter", ""),
@@ -49,11 +50,17 @@ const ALL: [(M, &str, &str, &str); 17] = [
         "counter",
         "Connections closed at once: the port had its cap of open connections",
     ),
+    (
+        M::WatchdogReplans,
+        "mwdist_watchdog_replans_total",
+        "counter",
+        "Transfers re-planned after no byte arrived for 2 s",
+    ),
 ];
 
 #[derive(Debug, Default)]
 pub struct Metrics {
-    values: [AtomicU64; 17],
+    values: [AtomicU64; 18],
 }
 
 impl Metrics {

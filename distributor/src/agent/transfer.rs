@@ -478,6 +478,7 @@ async fn drive_inner(agent: &Arc<Agent>, t: &Arc<Transfer>) -> Result<(), String
         }
         if last_progress.elapsed() > WATCHDOG && !tasks.is_empty() {
             tracing::info!("agent: {}: no progress for {WATCHDOG:?}; re-planning", t.digest);
+            agent.metrics.add(M::WatchdogReplans, 1);
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}
             pending.iter_mut().for_each(|c| *c = 0);

@@ -85,17 +85,22 @@ pub fn print_row(label: &str, v: &[f64], t_lb: f64) {
     );
 }
 
-/// The survivors against their own bounds ([`fault_bounds`]) and their longest stalls.
+/// The survivors against their own bounds ([`fault_bounds`]), their first bytes and
+/// their longest stalls.
 pub fn print_faults(v: &[Completion], stall_limit: f64) {
     let ratios: Vec<f64> = v.iter().map(|c| c.seconds / c.bound).collect();
+    let first: Vec<f64> = v.iter().map(|c| c.first_byte).collect();
     let stalls: Vec<f64> = v.iter().map(|c| c.stall).collect();
     let over = stalls.iter().filter(|s| **s > stall_limit).count();
     println!(
         "  against the bound recomputed for the faults: p50 {:.2}×, p99 {:.2}×, max {:.2}×; \
-         longest stall of a client {:.2} s, {over} over {stall_limit:.0} s",
+         clients' first byte after p50 {:.2} s, max {:.2} s; longest stall after it {:.2} s, \
+         {over} clients over {stall_limit:.0} s",
         quantile(&ratios, 0.5),
         quantile(&ratios, 0.99),
         quantile(&ratios, 1.0),
+        quantile(&first, 0.5),
+        quantile(&first, 1.0),
         quantile(&stalls, 1.0),
     );
 }
@@ -110,29 +115,36 @@ pub fn human(n: u64) -> String {
 }
 
 /// One completed pull: seconds from the bench's start, the agent's own lower bound (see
-/// [`fault_bounds`]; `T_LB` without faults), and the longest time its client received no
-/// byte (the wait for the first byte included).
+/// [`fault_bounds`]; `T_LB` without faults), the wait for the first byte of the body, and
+/// the longest time without a byte after it (and when it ended, from the bench's start).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Completion {
     pub seconds: f64,
     pub bound: f64,
+    pub first_byte: f64,
     pub stall: f64,
+    pub stall_end: f64,
 }
 
 pub fn write_csv(path: &Path, p2p: &[Completion], base: &[Completion], t_lb: f64) -> std::io::Result<()> {
-    let mut s = String::from("mode,seconds,ratio_to_t_lb,own_bound_seconds,ratio_to_own_bound,longest_stall_seconds\n");
+    let mut s = String::from(
+        "mode,seconds,ratio_to_t_lb,own_bound_seconds,ratio_to_own_bound,first_byte_seconds,longest_stall_seconds,\
+         longest_stall_ended_at\n",
+    );
     for (mode, v) in [("p2p", p2p), ("baseline", base)] {
         let mut v = v.to_vec();
         v.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
         for c in v {
             let _ = writeln!(
                 s,
-                "{mode},{:.4},{:.4},{:.4},{:.4},{:.4}",
+                "{mode},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4}",
                 c.seconds,
                 c.seconds / t_lb,
                 c.bound,
                 c.seconds / c.bound,
-                c.stall
+                c.first_byte,
+                c.stall,
+                c.stall_end
             );
         }
     }
@@ -244,7 +256,7 @@ mod tests {
     #[test]
     fn outputs_are_written() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let c = |seconds| Completion { seconds, bound: 1.0, stall: 0.1 };
+        let c = |seconds| Completion { seconds, bound: 1.0, first_byte: 0.2, stall: 0.1, stall_end: 0.5 };
         write_csv(&dir.path().join("c.csv"), &[c(1.0), c(2.0)], &[c(8.0)], 1.0).expect("csv");
         write_svg(&dir.path().join("c.svg"), &[1.0, 2.0], &[8.0], 1.0).expect("svg");
         let csv = std::fs::read_to_string(dir.path().join("c.csv")).expect("read");
