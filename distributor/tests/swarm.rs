@@ -241,3 +241,50 @@ async fn pull_preheats_every_blob_of_an_image() {
         assert!(w.tmp.path().join("a/blobs").join(d.hex()).exists(), "{d} is in the agent's store");
     }
 }
+
+/// Announce to the origin's tracker, as peer `id` holding nothing, that it dropped `dropped`.
+async fn report(tracker: &str, id: &str, d: &Digest, pieces: usize, dropped: &[String]) {
+    let a = mwdist::api::Announce {
+        peer_id: id.into(),
+        addr: format!("127.0.0.1:{}", 9 + id.len()),
+        digest: d.to_string(),
+        pieces,
+        have: mwdist::pieces::Bitfield::new(pieces).to_hex(),
+        dropped: dropped.to_vec(),
+    };
+    let r = client()
+        .post(format!("http://{tracker}/dist/v1/announce"))
+        .header("authorization", format!("Bearer {SECRET}"))
+        .json(&a)
+        .send()
+        .await
+        .expect("announce");
+    assert!(r.status().is_success(), "announce: {}", r.status());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_two_others_report_gets_no_new_piece_from_the_origin() {
+    let sizes = [1 << 20];
+    let w = World::new(&sizes, None).await;
+    let d = w.layers[0].clone();
+    let n = mwdist::pieces::Geometry::for_size(sizes[0] as u64).count();
+    let x = w.agent("x", &[]);
+    let accused = [x.field("peer")];
+    for id in ["r1", "r2"] {
+        report(&w.origin_addr(), id, &d, n, &accused).await;
+    }
+    // The origin is the only source, and it sends a suspect nothing new.
+    let pull = {
+        let (m, d) = (x.field("mirror"), d.clone());
+        tokio::spawn(async move { get_blob(&m, REPO, &d).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let from_origin = "mwdist_bytes_down_total{source=\"origin\"}";
+    assert_eq!(metric(&x.field("peer"), from_origin).await, 0, "no piece for a suspect");
+    assert!(!pull.is_finished());
+    // One report alone is not enough: once one reporter takes its report back, x completes.
+    report(&w.origin_addr(), "r1", &d, n, &[]).await;
+    let bytes = pull.await.expect("pull task").expect("the pull completes");
+    assert_eq!(bytes, expected(0, &sizes));
+    assert!(metric(&x.field("peer"), from_origin).await >= sizes[0] as u64);
+}
